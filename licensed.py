@@ -1,0 +1,690 @@
+"""licensed: the WSGI application and the ``licensed`` command line.
+
+The app is a routing table of :class:`Route` rows. A request is matched
+(404, or 405 with ``Allow``), its body read under a size cap (413), its media
+type checked (415), its JSON parsed and checked against the route's schema
+(400), then handed to the route's handler. Every :class:`errors.LicensedError`
+becomes the spec's error body in :func:`error_response`; anything else is
+logged and answered with a generic 500.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import getpass
+import ipaddress
+import json
+import logging
+import os
+import re
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keys
+import licensing
+import openapi
+from config import Config
+from errors import (
+    BadRequest,
+    ConfigError,
+    InvalidJSON,
+    LicensedError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+from keys import KeyRing
+from plans import EXAMPLE_PLANS, Catalog, load_catalog
+from store import Store, open_store
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("licensed")
+access_log = logging.getLogger("licensed.access")
+
+WAITRESS_BODY_LIMIT = 16 * 1024 * 1024
+"""Waitress' own cap; the app's ``MAX_BODY_BYTES`` (smaller) answers 413 in JSON first."""
+
+Handler = Callable[["Request"], "Response"]
+StartResponse = Callable[..., Any]
+
+# --- requests and responses -------------------------------------------------------
+
+
+class Request:
+    def __init__(self, environ: dict[str, Any], params: dict[str, str], max_body: int) -> None:
+        self.environ = environ
+        self.params = params
+        self.method: str = environ["REQUEST_METHOD"]
+        self.path: str = environ.get("PATH_INFO", "") or "/"
+        self.max_body = max_body
+        self.parsed: Any = None
+        self._body: bytes | None = None
+
+    def header(self, name: str) -> str | None:
+        key = name.upper().replace("-", "_")
+        if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+            key = "HTTP_" + key
+        value = self.environ.get(key)
+        return str(value) if value is not None else None
+
+    def bearer(self) -> str | None:
+        value = self.header("Authorization") or ""
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None
+        return token.strip()
+
+    @property
+    def remote_addr(self) -> str:
+        return str(self.environ.get("REMOTE_ADDR") or "")
+
+    def body(self) -> bytes:
+        """The raw body, at most ``max_body`` bytes (else 413)."""
+        if self._body is None:
+            raw_length = self.environ.get("CONTENT_LENGTH") or "0"
+            try:
+                length = int(raw_length)
+            except ValueError as err:
+                raise BadRequest("bad Content-Length") from err
+            if length > self.max_body:
+                raise PayloadTooLarge(f"the body is larger than {self.max_body} bytes")
+            stream = self.environ["wsgi.input"]
+            data = stream.read(length) if length > 0 else b""
+            self._body = data
+        return self._body
+
+    def json(self) -> Any:
+        media = (self.header("Content-Type") or "").split(";")[0].strip().lower()
+        if media != "application/json":
+            raise UnsupportedMediaType()
+        raw = self.body()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise InvalidJSON("the body is not UTF-8") from err
+        try:
+            return json.loads(text, parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as err:
+            raise InvalidJSON() from err
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+@dataclass
+class Response:
+    body: Any = None
+    status: int = 200
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    content_type: str = "application/json"
+    raw: bytes | None = None
+
+    def encode(self) -> bytes:
+        if self.raw is not None:
+            return self.raw
+        return json.dumps(self.body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def error_response(err: LicensedError) -> Response:
+    """The one place an error becomes ``{"error": {"code", "message"}}``."""
+    return Response(
+        {"error": {"code": err.code, "message": err.message}},
+        status=err.status,
+        headers=err.headers(),
+    )
+
+
+_REASONS = {
+    200: "OK",
+    201: "Created",
+    204: "No Content",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    413: "Payload Too Large",
+    415: "Unsupported Media Type",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+# --- routing -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    tag: str = "licensing"
+    auth: str | None = None
+    body: openapi.Schema | None = None
+    response: openapi.Schema | None = None
+    status: int = 200
+
+    @property
+    def pattern(self) -> re.Pattern[str]:
+        regex = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[A-Za-z0-9_.-]{1,255})", re.escape(self.path))
+        return re.compile(f"^{regex}$")
+
+
+class Router:
+    def __init__(self, routes: Iterable[Route]) -> None:
+        self.routes = list(routes)
+        self._static: dict[str, dict[str, Route]] = {}
+        self._dynamic: list[tuple[re.Pattern[str], dict[str, Route]]] = []
+        for route in self.routes:
+            if "{" in route.path:
+                for pattern, methods in self._dynamic:
+                    if pattern.pattern == route.pattern.pattern:
+                        methods[route.method] = route
+                        break
+                else:
+                    self._dynamic.append((route.pattern, {route.method: route}))
+            else:
+                self._static.setdefault(route.path, {})[route.method] = route
+
+    def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
+        methods = self._static.get(path)
+        params: dict[str, str] = {}
+        if methods is None:
+            for pattern, candidates in self._dynamic:
+                found = pattern.match(path)
+                if found:
+                    methods, params = candidates, found.groupdict()
+                    break
+        if methods is None:
+            raise NotFound(f"no route {path}")
+        route = methods.get(method)
+        if route is None:
+            raise MethodNotAllowed(list(methods))
+        return route, params
+
+
+# --- the application ----------------------------------------------------------------
+
+LICENSE_BODY = openapi.obj(
+    {
+        "key": openapi.string(1, 8192),
+        "machine_id": openapi.string(1, 256),
+        "product": openapi.string(1, 64),
+    },
+    required=["key"],
+)
+LICENSE_VIEW: openapi.Schema = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "product": {"type": "string"},
+        "plan": {"type": "string"},
+        "tier": {"type": "string"},
+        "status": {"type": "string"},
+        "features": {"type": "array", "items": {"type": "string"}},
+        "max_machines": {"type": "integer"},
+        "machines_used": {"type": "integer"},
+        "paid_through": {"type": ["string", "null"]},
+        "expires_at": {"type": ["string", "null"]},
+        "lifetime": {"type": "boolean"},
+        "cancel_at_period_end": {"type": "boolean"},
+    },
+}
+LICENSE_ANSWER: openapi.Schema = {
+    "type": "object",
+    "required": ["valid", "code"],
+    "properties": {
+        "valid": {"type": "boolean"},
+        "code": {"type": "string", "enum": list(licensing.ALL_CODES)},
+        "activated": {"type": "boolean"},
+        "deactivated": {"type": "boolean"},
+        "license": LICENSE_VIEW,
+        "key": {"type": "string"},
+        "lease": {"type": "string"},
+    },
+}
+
+
+@dataclass
+class Services:
+    """Everything a handler needs, built once in ``main()`` (or by a test)."""
+
+    config: Config
+    store: Store
+    ring: KeyRing
+    catalog: Catalog
+    clock: Callable[[], float] = time.time
+
+    def now(self) -> int:
+        return int(self.clock())
+
+    @property
+    def licensing(self) -> licensing.Licensing:
+        return licensing.Licensing(
+            self.store, self.ring, self.catalog, self.config.app_base_url, self.config.lease_ttl_hours
+        )
+
+
+class App:
+    """The WSGI callable."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.config = services.config
+        self.licensing = services.licensing
+        self.router = Router(self.routes())
+        self._openapi = openapi.document(self.router.routes, self.config.app_base_url, __version__)
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("GET", "/health", self.health, "Liveness and database writability", tag="ops"),
+            Route(
+                "GET",
+                "/api/public/config",
+                self.public_config,
+                "Public settings for a shop page",
+                tag="public",
+            ),
+            Route("GET", "/api/public/plans", self.public_plans, "Plans on sale", tag="public"),
+            Route(
+                "POST",
+                "/api/license/validate",
+                self.validate,
+                "Validate a key; activate with a machine id",
+                body=LICENSE_BODY,
+                response=LICENSE_ANSWER,
+            ),
+            Route(
+                "POST",
+                "/api/license/activate",
+                self.activate,
+                "Activate a machine",
+                body={**LICENSE_BODY, "required": ["key", "machine_id"]},
+                response=LICENSE_ANSWER,
+            ),
+            Route(
+                "POST",
+                "/api/license/deactivate",
+                self.deactivate,
+                "Free a machine's seat",
+                body={**LICENSE_BODY, "required": ["key", "machine_id"]},
+                response=LICENSE_ANSWER,
+            ),
+            Route(
+                "GET",
+                "/.well-known/jwks.json",
+                self.jwks,
+                "Public keys that verify keys and leases",
+                tag="public",
+            ),
+            Route("GET", "/openapi.json", self.openapi, "This document", tag="public"),
+        ]
+
+    # --- WSGI --------------------------------------------------------------------
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+        started = time.perf_counter()
+        method = environ.get("REQUEST_METHOD", "GET")
+        path = environ.get("PATH_INFO", "") or "/"
+        request_id = _request_id(environ)
+        try:
+            route, params = self.router.match(method, path)
+            request = Request(environ, params, self.config.max_body_bytes)
+            if route.body is not None:
+                request.parsed = request.json()
+                openapi.check(request.parsed, route.body)
+            response = route.handler(request)
+        except LicensedError as err:
+            response = error_response(err)
+        except Exception:
+            log.error(
+                "unhandled error",
+                extra={"request_id": request_id, "trace": traceback.format_exc(limit=20)},
+            )
+            response = error_response(LicensedError())
+        payload = response.encode()
+        headers = [
+            (
+                "Content-Type",
+                response.content_type if response.raw is not None else "application/json; charset=utf-8",
+            ),
+            ("Content-Length", str(len(payload))),
+            ("X-Request-Id", request_id),
+            *response.headers,
+        ]
+        if not any(name == "Cache-Control" for name, _ in response.headers):
+            headers.append(("Cache-Control", "no-store"))
+        start_response(f"{response.status} {_REASONS.get(response.status, 'Unknown')}", headers)
+        access_log.info(
+            "request",
+            extra={
+                "request_id": request_id,
+                "method": method,
+                "path": path,
+                "status": response.status,
+                "ms": round((time.perf_counter() - started) * 1000, 2),
+                "remote": trusted_client(
+                    str(environ.get("REMOTE_ADDR") or ""),
+                    environ.get("HTTP_X_FORWARDED_FOR"),
+                    self.config.trusted_proxies,
+                ),
+            },
+        )
+        return [payload]
+
+    # --- handlers ---------------------------------------------------------------------
+
+    def health(self, request: Request) -> Response:
+        now = self.services.now()
+        self.services.store.check_writable(now)
+        return Response(
+            {
+                "status": "ok",
+                "version": __version__,
+                "schema_version": self.services.store.schema_version(),
+                "time": licensing.iso(now),
+                "signing_kid": self.services.ring.current.kid,
+            }
+        )
+
+    def public_config(self, request: Request) -> Response:
+        return Response(
+            {
+                "publishable_key": self.config.stripe_publishable_key,
+                "website_url": self.config.website_url,
+                "issuer": self.config.app_base_url,
+                "jwks_url": f"{self.config.app_base_url}/.well-known/jwks.json",
+                "products": [
+                    {"id": p.id, "name": p.name, "key_prefix": p.key_prefix}
+                    for p in self.services.catalog.products.values()
+                ],
+            }
+        )
+
+    def public_plans(self, request: Request) -> Response:
+        plans = [p.public_view() for p in self.services.catalog.plans.values() if p.public]
+        return Response({"plans": plans})
+
+    def validate(self, request: Request) -> Response:
+        req = licensing.LicenseRequest.from_body(request.parsed, machine_required=False)
+        return Response(self.licensing.check(req, self.services.now()))
+
+    def activate(self, request: Request) -> Response:
+        req = licensing.LicenseRequest.from_body(request.parsed, machine_required=True)
+        return Response(self.licensing.check(req, self.services.now()))
+
+    def deactivate(self, request: Request) -> Response:
+        req = licensing.LicenseRequest.from_body(request.parsed, machine_required=True)
+        return Response(self.licensing.deactivate(req, self.services.now()))
+
+    def jwks(self, request: Request) -> Response:
+        now = self.services.now()
+        ttl = self.config.lease_ttl_hours * 3600
+        in_use: set[str] | None = None
+
+        def still_needed(key: keys.SigningKey, retired_at: float) -> bool:
+            nonlocal in_use
+            if retired_at + ttl > now:
+                return True
+            if in_use is None:
+                in_use = self.services.store.kids_in_use(now)
+            return key.kid in in_use
+
+        return Response(
+            self.services.ring.jwks(still_needed),
+            headers=[("Cache-Control", "public, max-age=300")],
+        )
+
+    def openapi(self, request: Request) -> Response:
+        return Response(self._openapi, headers=[("Cache-Control", "public, max-age=300")])
+
+
+def _request_id(environ: dict[str, Any]) -> str:
+    given = str(environ.get("HTTP_X_REQUEST_ID") or "")
+    if re.fullmatch(r"[A-Za-z0-9._-]{1,64}", given):
+        return given
+    return os.urandom(8).hex()
+
+
+# --- logging --------------------------------------------------------------------------
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; fields passed with ``extra=`` are included."""
+
+    _STANDARD = frozenset(vars(logging.makeLogRecord({})))
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for name, value in vars(record).items():
+            if name not in self._STANDARD and not name.startswith("_"):
+                entry[name] = value
+        if record.exc_info:
+            entry["trace"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+class OncePerInterval(logging.Filter):
+    """Lets one record through per ``interval`` seconds (waitress' queue warnings)."""
+
+    def __init__(self, interval: float = 60.0) -> None:
+        super().__init__()
+        self.interval = interval
+        self._last = -interval
+        self.suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            self._last = now
+            if self.suppressed:
+                record.suppressed = self.suppressed
+            self.suppressed = 0
+            return True
+        self.suppressed += 1
+        return False
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("waitress.queue").addFilter(OncePerInterval(60.0))
+
+
+# --- building and serving ---------------------------------------------------------------
+
+
+def init_data_dir(config: Config, now: int) -> list[str]:
+    """Create what a first start needs; never overwrites anything. Returns what it did."""
+    done = []
+    if not config.data_dir.exists():
+        config.data_dir.mkdir(mode=0o700, parents=True)
+        done.append(f"created {config.data_dir}")
+    if not any(config.keys_dir.glob(f"*{keys.KEY_SUFFIX}")):
+        key = keys.create_key(config.keys_dir)
+        done.append(f"created signing key {key.kid}")
+    if not config.plans_path.exists():
+        config.plans_path.parent.mkdir(parents=True, exist_ok=True)
+        config.plans_path.write_text(EXAMPLE_PLANS, encoding="utf-8")
+        done.append(f"wrote example plans to {config.plans_path}")
+    store = open_store(config.db_path, now)
+    store.close()
+    return done
+
+
+def build_services(config: Config, clock: Callable[[], float] = time.time) -> Services:
+    now = int(clock())
+    return Services(
+        config=config,
+        store=open_store(config.db_path, now),
+        ring=KeyRing(config.keys_dir),
+        catalog=load_catalog(config.plans_path),
+        clock=clock,
+    )
+
+
+def create_server(app: App, config: Config) -> Any:
+    import waitress.server
+
+    return waitress.server.create_server(
+        app,
+        host=config.host,
+        port=config.port,
+        threads=config.threads,
+        ident="licensed",
+        max_request_body_size=WAITRESS_BODY_LIMIT,
+        channel_timeout=30,
+        connection_limit=1000,
+    )
+
+
+def serve(config: Config) -> None:
+    for line in init_data_dir(config, int(time.time())):
+        log.info(line)
+    services = build_services(config)
+    server = create_server(App(services), config)
+    log.info(
+        "listening",
+        extra={"url": f"http://{config.host}:{server.effective_port}", "port": server.effective_port},
+    )
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+        services.store.close()
+
+
+# --- the command line -------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="licensed", description="Self-hosted license server.")
+    parser.add_argument("--env-file", type=Path, help="read settings from this file")
+    parser.add_argument("--version", action="version", version=f"licensed {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="run the HTTP server")
+    commands.add_parser("init", help="create the data dir, a signing key and example plans")
+
+    keys_cmd = commands.add_parser("keys", help="signing keys").add_subparsers(
+        dest="keys_command", required=True
+    )
+    keys_cmd.add_parser("list", help="list signing keys")
+    keys_cmd.add_parser("rotate", help="add a new signing key; it signs from now on")
+
+    admin = commands.add_parser("admin", help="support verbs, straight on the database")
+    admin_cmd = admin.add_subparsers(dest="admin_command", required=True)
+    issue = admin_cmd.add_parser("issue", help="issue a license by hand and print its key")
+    issue.add_argument("--email", required=True)
+    issue.add_argument("--plan", required=True)
+    lifetime = issue.add_mutually_exclusive_group()
+    lifetime.add_argument("--lifetime", action="store_true", help="never expires")
+    lifetime.add_argument("--days", type=int, help="valid for this many days")
+    issue.add_argument("--max-machines", type=int)
+    return parser
+
+
+def _cmd_keys(config: Config, args: argparse.Namespace, out: Callable[[str], None]) -> None:
+    if args.keys_command == "rotate":
+        key = keys.create_key(config.keys_dir)
+        out(f"new signing key {key.kid}; it signs from now on")
+        return
+    ring = KeyRing(config.keys_dir)
+    current = ring.current.kid
+    for key in ring.keys:
+        state = "signing" if key.kid == current else "retired"
+        created = dt.datetime.fromtimestamp(key.created_at, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        out(f"{key.kid}  {created}  {state}")
+
+
+_EMAIL = re.compile(r"^[^@\s<>\"',;]{1,64}@[^@\s<>\"',;]{1,255}\.[^@\s<>\"',;]{2,63}$")
+
+
+def _cmd_admin(config: Config, args: argparse.Namespace, out: Callable[[str], None]) -> None:
+    services = build_services(config)
+    try:
+        plan = services.licensing.require_plan(args.plan)
+        if not _EMAIL.match(args.email):
+            raise ConfigError(f"--email {args.email!r} is not an e-mail address")
+        if args.days is not None and args.days < 1:
+            raise ConfigError("--days must be at least 1")
+        now = services.now()
+        lic = licensing.issue_license(
+            services.store,
+            services.ring,
+            plan,
+            email=args.email,
+            now=now,
+            actor=f"cli:{getpass.getuser()}",
+            days=args.days,
+            lifetime=True if args.lifetime else None,
+            max_machines=args.max_machines,
+        )
+        out(licensing.license_key(lic, services.catalog, services.ring, config.app_base_url))
+    finally:
+        services.store.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    out = print
+    try:
+        config = Config.from_sources(os.environ, args.env_file)
+        setup_logging(config.log_level)
+        if args.command == "serve":
+            serve(config)
+        elif args.command == "init":
+            for line in init_data_dir(config, int(time.time())) or ["nothing to do"]:
+                out(line)
+        elif args.command == "keys":
+            _cmd_keys(config, args, out)
+        elif args.command == "admin":
+            _cmd_admin(config, args, out)
+        return 0
+    except LicensedError as err:
+        print(f"licensed: {err.message}", file=sys.stderr)
+        return 2 if isinstance(err, ConfigError) else 1
+
+
+def trusted_client(remote: str, forwarded: str | None, trusted: Sequence[Any]) -> str:
+    """The client address, believing ``X-Forwarded-For`` only from trusted proxies."""
+    try:
+        address = ipaddress.ip_address(remote)
+    except ValueError:
+        return remote
+    if not forwarded or not any(address in net for net in trusted):
+        return remote
+    hops = [h.strip() for h in forwarded.split(",") if h.strip()]
+    for hop in reversed(hops):
+        try:
+            hop_address = ipaddress.ip_address(hop)
+        except ValueError:
+            return remote
+        if not any(hop_address in net for net in trusted):
+            return hop
+    return hops[0] if hops else remote
+
+
+if __name__ == "__main__":
+    sys.exit(main())

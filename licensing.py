@@ -1,0 +1,359 @@
+"""Entitlement: what a licence allows now, and the validate/activate/deactivate flows.
+
+Everything here takes ``now`` (epoch seconds) from the caller, so tests freeze
+time at the exact paid-through, grace and expiry boundaries.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+import keys
+from errors import InvalidToken, NotFound, ValidationFailed
+from keys import KeyRing
+from plans import Catalog, Plan
+from store import License, Store, new_id
+
+VALID = "VALID"
+GRACE_PERIOD = "GRACE_PERIOD"
+EXPIRED = "EXPIRED"
+REVOKED = "REVOKED"
+SUSPENDED = "SUSPENDED"
+INVALID_KEY = "INVALID_KEY"
+NOT_FOUND = "NOT_FOUND"
+PRODUCT_MISMATCH = "PRODUCT_MISMATCH"
+TOO_MANY_MACHINES = "TOO_MANY_MACHINES"
+DEACTIVATED = "DEACTIVATED"
+MACHINE_NOT_ACTIVATED = "MACHINE_NOT_ACTIVATED"
+
+VALID_CODES = frozenset({VALID, GRACE_PERIOD})
+ALL_CODES = (
+    VALID,
+    GRACE_PERIOD,
+    INVALID_KEY,
+    NOT_FOUND,
+    PRODUCT_MISMATCH,
+    EXPIRED,
+    REVOKED,
+    SUSPENDED,
+    TOO_MANY_MACHINES,
+    DEACTIVATED,
+    MACHINE_NOT_ACTIVATED,
+)
+
+SEEN_WRITE_INTERVAL = 3600
+"""A machine's ``last_seen_at`` is rewritten at most hourly, so validation stays read-only."""
+
+
+def iso(ts: int | None) -> str | None:
+    if ts is None:
+        return None
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def entitlement(lic: License, now: int) -> str:
+    """The spec's table: revoked, suspended, then paid-through and grace."""
+    if lic.status == "revoked":
+        return REVOKED
+    if lic.status == "suspended" or lic.subscription_status == "paused":
+        return SUSPENDED
+    if lic.lifetime:
+        return VALID
+    if lic.paid_through is None:
+        return EXPIRED
+    if now <= lic.paid_through:
+        return VALID
+    end = lic.expires_at
+    if end is not None and now <= end:
+        return GRACE_PERIOD
+    return EXPIRED
+
+
+def public_status(lic: License) -> str:
+    if lic.status != "active":
+        return lic.status
+    return lic.subscription_status or "active"
+
+
+def license_view(lic: License, machines_used: int) -> dict[str, Any]:
+    """What installations may see: no e-mail, no Stripe ids, no personal data."""
+    return {
+        "id": lic.id,
+        "product": lic.product,
+        "plan": lic.plan,
+        "tier": lic.tier,
+        "status": public_status(lic),
+        "features": list(lic.features),
+        "max_machines": lic.max_machines,
+        "machines_used": machines_used,
+        "paid_through": iso(lic.paid_through),
+        "expires_at": iso(lic.expires_at),
+        "lifetime": lic.lifetime,
+        "cancel_at_period_end": lic.cancel_at_period_end,
+    }
+
+
+# --- keys derived from a licence row ----------------------------------------
+
+
+def key_claims(lic: License, issuer: str) -> dict[str, Any]:
+    exp = lic.expires_at
+    if exp is None:
+        exp = lic.key_iat + keys.LIFETIME_SECONDS
+    return {
+        "iss": issuer,
+        "sub": lic.id,
+        "prod": lic.product,
+        "tier": lic.tier,
+        "ent": sorted(lic.features),
+        "max": lic.max_machines,
+        "iat": lic.key_iat,
+        "exp": exp,
+    }
+
+
+def license_key(lic: License, catalog: Catalog, ring: KeyRing, issuer: str) -> str:
+    """Re-derive the licence key from its row (the database never stores keys)."""
+    product = catalog.products.get(lic.product)
+    prefix = product.key_prefix if product else lic.product.upper()
+    token = keys.sign_claims(ring, key_claims(lic, issuer), kid=lic.key_kid)
+    return keys.format_license_key(prefix, lic.tier, token)
+
+
+def restamp_key(lic: License, ring: KeyRing, now: int) -> None:
+    """Mark the licence's key as re-issued now by the current signing key.
+
+    Call whenever a claim changes (renewal, tier, seats, features) so the next
+    validation hands the client its new key.
+    """
+    lic.key_kid = ring.current.kid
+    lic.key_iat = now
+
+
+def lease(lic: License, machine_hash: str, ring: KeyRing, issuer: str, ttl: int, now: int) -> str:
+    end = lic.expires_at
+    exp = now + ttl if end is None else min(end, now + ttl)
+    claims = {
+        "iss": issuer,
+        "sub": lic.id,
+        "mid": machine_hash,
+        "prod": lic.product,
+        "tier": lic.tier,
+        "ent": sorted(lic.features),
+        "iat": now,
+        "exp": exp,
+    }
+    return keys.sign_claims(ring, claims)
+
+
+# --- issuing ------------------------------------------------------------------
+
+
+def new_license(
+    *,
+    plan: Plan,
+    customer_id: str,
+    ring: KeyRing,
+    now: int,
+    source: str,
+    paid_through: int | None = None,
+    lifetime: bool | None = None,
+    max_machines: int | None = None,
+) -> License:
+    """A licence row for ``plan``; one-time plans run ``duration_days`` from now."""
+    is_lifetime = plan.lifetime if lifetime is None else lifetime
+    if paid_through is None and not is_lifetime and plan.duration_days:
+        paid_through = now + plan.duration_days * 86400
+    return License(
+        id=new_id("lic"),
+        customer_id=customer_id,
+        product=plan.product,
+        plan=plan.id,
+        tier=plan.tier,
+        features=list(plan.features),
+        max_machines=max_machines or plan.max_machines,
+        status="active",
+        status_reason=None,
+        paid_through=None if is_lifetime else paid_through,
+        grace_days=plan.grace_days,
+        lifetime=is_lifetime,
+        subscription_status=None,
+        cancel_at_period_end=False,
+        source=source,
+        stripe_customer_id=None,
+        stripe_subscription_id=None,
+        stripe_checkout_session_id=None,
+        stripe_payment_intent_id=None,
+        stripe_charge_id=None,
+        stripe_price_id=None,
+        stripe_state_at=0,
+        key_kid=ring.current.kid,
+        key_iat=now,
+        created_at=now,
+        updated_at=now,
+    )
+
+
+def issue_license(
+    store: Store,
+    ring: KeyRing,
+    plan: Plan,
+    *,
+    email: str,
+    now: int,
+    actor: str,
+    days: int | None = None,
+    lifetime: bool | None = None,
+    expires_at: int | None = None,
+    max_machines: int | None = None,
+    source: str = "admin",
+) -> License:
+    """Issue a licence by hand (admin, internal services); audited."""
+    if days is not None and expires_at is not None:
+        raise ValidationFailed("give days or an expiry, not both")
+    paid_through = (
+        expires_at if expires_at is not None else (now + days * 86400 if days is not None else None)
+    )
+    if paid_through is None and not (lifetime or plan.lifetime or plan.duration_days):
+        raise ValidationFailed(
+            f"plan {plan.id} is a subscription: give a number of days, an expiry or lifetime"
+        )
+    if paid_through is not None and lifetime:
+        raise ValidationFailed("a lifetime licence has no expiry")
+    with store.atomic():
+        customer_id = store.upsert_customer(now, email=email)
+        lic = new_license(
+            plan=plan,
+            customer_id=customer_id,
+            ring=ring,
+            now=now,
+            source=source,
+            paid_through=paid_through,
+            lifetime=lifetime if lifetime is not None else (plan.lifetime and paid_through is None),
+            max_machines=max_machines,
+        )
+        store.insert_license(lic)
+        store.audit(now, actor, "license.issue", lic.id, None, license_view(lic, 0))
+    return lic
+
+
+# --- validate, activate, deactivate --------------------------------------------
+
+
+@dataclass(frozen=True)
+class LicenseRequest:
+    key: str
+    machine_id: str | None = None
+    product: str | None = None
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any], machine_required: bool) -> LicenseRequest:
+        machine_id = body.get("machine_id")
+        if machine_id is not None and not machine_id.isprintable():
+            raise ValidationFailed("machine_id must be printable characters")
+        if machine_required and machine_id is None:
+            raise ValidationFailed("machine_id is required")
+        return cls(key=body["key"], machine_id=machine_id, product=body.get("product"))
+
+
+class Licensing:
+    """The licence routes' logic over one store, key ring and catalogue."""
+
+    def __init__(
+        self, store: Store, ring: KeyRing, catalog: Catalog, issuer: str, lease_ttl_hours: int
+    ) -> None:
+        self.store = store
+        self.ring = ring
+        self.catalog = catalog
+        self.issuer = issuer
+        self.lease_ttl = lease_ttl_hours * 3600
+
+    def _load(self, req: LicenseRequest) -> tuple[License | None, dict[str, Any] | None]:
+        """The licence a key names, or the outcome that stops the request."""
+        try:
+            parsed = keys.parse_license_key(req.key, self.catalog, self.ring)
+        except InvalidToken:
+            return None, {"valid": False, "code": INVALID_KEY}
+        if req.product is not None and req.product != parsed.product.id:
+            return None, {"valid": False, "code": PRODUCT_MISMATCH}
+        lic = self.store.get_license(parsed.claims["sub"])
+        if lic is None or lic.product != parsed.product.id:
+            return None, {"valid": False, "code": NOT_FOUND}
+        return lic, None
+
+    def check(self, req: LicenseRequest, now: int) -> dict[str, Any]:
+        """Validate (and, with a machine id, activate when a seat is free)."""
+        lic, stop = self._load(req)
+        if lic is None:
+            assert stop is not None
+            return stop
+        code = entitlement(lic, now)
+        activated = False
+        machine_hash = keys.machine_hash(req.machine_id) if req.machine_id else None
+        if code in VALID_CODES:
+            if lic.key_kid != self.ring.current.kid:
+                lic = self._restamp(lic.id, now) or lic
+            if machine_hash is not None:
+                activated = self._seat(lic, machine_hash, now)
+                if not activated:
+                    code = TOO_MANY_MACHINES
+        answer: dict[str, Any] = {
+            "valid": code in VALID_CODES,
+            "code": code,
+            "activated": activated,
+            "license": license_view(lic, self.store.count_machines(lic.id)),
+        }
+        if code in VALID_CODES:
+            current = license_key(lic, self.catalog, self.ring, self.issuer)
+            if current != req.key:
+                answer["key"] = current
+            if activated and machine_hash is not None:
+                answer["lease"] = lease(lic, machine_hash, self.ring, self.issuer, self.lease_ttl, now)
+        return answer
+
+    def _restamp(self, license_id: str, now: int) -> License | None:
+        """Re-issue a key signed by a retired key, so that key can leave the JWKS."""
+        with self.store.atomic():
+            lic = self.store.get_license(license_id)
+            if lic is not None and lic.key_kid != self.ring.current.kid:
+                restamp_key(lic, self.ring, now)
+                self.store.save_license(lic, now)
+        return lic
+
+    def _seat(self, lic: License, machine_hash: str, now: int) -> bool:
+        """Take a seat for the machine, or confirm it has one; never over the limit."""
+        seen = self.store.machine_seen_at(lic.id, machine_hash)
+        if seen is not None and now - seen < SEEN_WRITE_INTERVAL:
+            return True
+        with self.store.atomic():
+            seen = self.store.machine_seen_at(lic.id, machine_hash)
+            if seen is not None:
+                self.store.touch_machine(lic.id, machine_hash, now)
+                return True
+            if self.store.count_machines(lic.id) >= lic.max_machines:
+                return False
+            self.store.add_machine(lic.id, machine_hash, now)
+            return True
+
+    def deactivate(self, req: LicenseRequest, now: int) -> dict[str, Any]:
+        lic, stop = self._load(req)
+        if lic is None:
+            assert stop is not None
+            return {**stop, "deactivated": False}
+        assert req.machine_id is not None
+        with self.store.atomic():
+            removed = self.store.remove_machine(lic.id, keys.machine_hash(req.machine_id))
+        return {
+            "valid": entitlement(lic, now) in VALID_CODES,
+            "code": DEACTIVATED if removed else MACHINE_NOT_ACTIVATED,
+            "deactivated": removed,
+            "license": license_view(lic, self.store.count_machines(lic.id)),
+        }
+
+    def require_plan(self, plan_id: str) -> Plan:
+        plan = self.catalog.plans.get(plan_id)
+        if plan is None:
+            raise NotFound(f"no plan {plan_id!r}")
+        return plan

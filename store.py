@@ -1,0 +1,515 @@
+"""SQLite storage: schema migrations, transactions and every query.
+
+One file in WAL mode. ``synchronous=FULL`` because a Stripe webhook is
+acknowledged only after its effect is committed: in WAL mode FULL fsyncs the
+log at every commit, so a 200 never precedes a commit that a power cut could
+take back (NORMAL would only survive a process crash). Writers take the lock
+up front (``BEGIN IMMEDIATE``) so seat counting and event de-duplication are
+serialised; readers never block them.
+
+Every value goes through ``?``. ``sqlite3`` errors are translated here into
+:mod:`errors` classes and never leak upward.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from errors import Conflict, StorageUnavailable
+
+BUSY_TIMEOUT_MS = 5000
+
+PRAGMAS: tuple[tuple[str, str, object], ...] = (
+    # (pragma, value set, value expected when read back)
+    ("journal_mode", "WAL", "wal"),
+    ("synchronous", "FULL", 2),
+    ("foreign_keys", "ON", 1),
+    ("busy_timeout", str(BUSY_TIMEOUT_MS), BUSY_TIMEOUT_MS),
+)
+
+MIGRATIONS: tuple[tuple[str, str], ...] = (
+    (
+        "core tables",
+        """
+        CREATE TABLE customers (
+            id TEXT PRIMARY KEY,
+            email TEXT,
+            name TEXT,
+            stripe_customer_id TEXT UNIQUE,
+            oidc_sub TEXT UNIQUE,
+            created_at INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL
+        );
+        CREATE INDEX customers_email ON customers (email COLLATE NOCASE);
+
+        CREATE TABLE licenses (
+            id TEXT PRIMARY KEY,
+            customer_id TEXT NOT NULL REFERENCES customers (id),
+            product TEXT NOT NULL,
+            plan TEXT NOT NULL,
+            tier TEXT NOT NULL,
+            features TEXT NOT NULL DEFAULT '[]',
+            max_machines INTEGER NOT NULL CHECK (max_machines >= 1),
+            status TEXT NOT NULL DEFAULT 'active'
+                CHECK (status IN ('active', 'suspended', 'revoked')),
+            status_reason TEXT,
+            paid_through INTEGER,
+            grace_days INTEGER NOT NULL DEFAULT 0,
+            lifetime INTEGER NOT NULL DEFAULT 0,
+            subscription_status TEXT,
+            cancel_at_period_end INTEGER NOT NULL DEFAULT 0,
+            source TEXT NOT NULL,
+            stripe_customer_id TEXT,
+            stripe_subscription_id TEXT UNIQUE,
+            stripe_checkout_session_id TEXT UNIQUE,
+            stripe_payment_intent_id TEXT,
+            stripe_charge_id TEXT,
+            stripe_price_id TEXT,
+            stripe_state_at INTEGER NOT NULL DEFAULT 0,
+            key_kid TEXT NOT NULL,
+            key_iat INTEGER NOT NULL,
+            created_at INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL
+        );
+        CREATE INDEX licenses_customer ON licenses (customer_id);
+        CREATE INDEX licenses_payment_intent ON licenses (stripe_payment_intent_id);
+        CREATE INDEX licenses_charge ON licenses (stripe_charge_id);
+        CREATE INDEX licenses_key_kid ON licenses (key_kid);
+
+        CREATE TABLE machines (
+            id INTEGER PRIMARY KEY,
+            license_id TEXT NOT NULL REFERENCES licenses (id) ON DELETE CASCADE,
+            machine_hash TEXT NOT NULL,
+            activated_at INTEGER NOT NULL,
+            last_seen_at INTEGER NOT NULL,
+            UNIQUE (license_id, machine_hash)
+        );
+
+        CREATE TABLE stripe_events (
+            id TEXT PRIMARY KEY,
+            type TEXT NOT NULL,
+            created INTEGER NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('applied', 'ignored', 'failed')),
+            attempts INTEGER NOT NULL DEFAULT 1,
+            error TEXT,
+            license_id TEXT,
+            payload TEXT NOT NULL,
+            received_at INTEGER NOT NULL,
+            processed_at INTEGER NOT NULL
+        );
+        CREATE INDEX stripe_events_status ON stripe_events (status, received_at);
+        CREATE INDEX stripe_events_license ON stripe_events (license_id);
+
+        CREATE TABLE outbox (
+            id INTEGER PRIMARY KEY,
+            license_id TEXT REFERENCES licenses (id) ON DELETE SET NULL,
+            kind TEXT NOT NULL,
+            to_addr TEXT NOT NULL,
+            to_name TEXT,
+            subject TEXT NOT NULL,
+            body_text TEXT NOT NULL,
+            body_html TEXT,
+            status TEXT NOT NULL DEFAULT 'pending'
+                CHECK (status IN ('pending', 'sending', 'sent', 'failed')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at INTEGER NOT NULL,
+            claimed_until INTEGER,
+            last_error TEXT,
+            created_at INTEGER NOT NULL,
+            sent_at INTEGER
+        );
+        CREATE INDEX outbox_due ON outbox (status, next_attempt_at);
+
+        CREATE TABLE audit_log (
+            id INTEGER PRIMARY KEY,
+            at INTEGER NOT NULL,
+            actor TEXT NOT NULL,
+            action TEXT NOT NULL,
+            license_id TEXT,
+            before TEXT,
+            after TEXT
+        );
+        CREATE INDEX audit_log_license ON audit_log (license_id, at);
+
+        CREATE TABLE settings (
+            key TEXT PRIMARY KEY,
+            value TEXT NOT NULL,
+            updated_at INTEGER NOT NULL
+        );
+        """,
+    ),
+)
+
+
+ENDED_SUBSCRIPTION = frozenset({"canceled", "unpaid", "incomplete_expired"})
+"""Stripe subscription states after which no grace is given."""
+
+
+def new_id(prefix: str) -> str:
+    """A random public id such as ``lic_4fK…``: unguessable, URL-safe."""
+    return f"{prefix}_{secrets.token_urlsafe(15)}"
+
+
+@dataclass
+class License:
+    id: str
+    customer_id: str
+    product: str
+    plan: str
+    tier: str
+    features: list[str]
+    max_machines: int
+    status: str
+    status_reason: str | None
+    paid_through: int | None
+    grace_days: int
+    lifetime: bool
+    subscription_status: str | None
+    cancel_at_period_end: bool
+    source: str
+    stripe_customer_id: str | None
+    stripe_subscription_id: str | None
+    stripe_checkout_session_id: str | None
+    stripe_payment_intent_id: str | None
+    stripe_charge_id: str | None
+    stripe_price_id: str | None
+    stripe_state_at: int
+    key_kid: str
+    key_iat: int
+    created_at: int
+    updated_at: int
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> License:
+        data = dict(row)
+        data["features"] = json.loads(data["features"])
+        data["lifetime"] = bool(data["lifetime"])
+        data["cancel_at_period_end"] = bool(data["cancel_at_period_end"])
+        return cls(**data)
+
+    def to_row(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["features"] = json.dumps(list(self.features))
+        data["lifetime"] = int(self.lifetime)
+        data["cancel_at_period_end"] = int(self.cancel_at_period_end)
+        return data
+
+    @property
+    def subscription_ended(self) -> bool:
+        return self.subscription_status in ENDED_SUBSCRIPTION
+
+    @property
+    def expires_at(self) -> int | None:
+        """End of the entitlement, grace included while the subscription lives.
+
+        None for lifetime licences. Grace never extends an ended subscription.
+        """
+        if self.lifetime or self.paid_through is None:
+            return None
+        if self.subscription_ended:
+            return self.paid_through
+        return self.paid_through + self.grace_days * 86400
+
+
+LICENSE_COLUMNS = tuple(f.name for f in fields(License))
+
+
+class Store:
+    """The database of one server. Thread-safe: one connection per thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._all_lock = threading.Lock()
+
+    # --- connections and transactions ---------------------------------------
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+        return conn
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
+            )
+            conn.row_factory = sqlite3.Row
+            for name, value, expected in PRAGMAS:
+                conn.execute(f"PRAGMA {name} = {value}")
+                actual = conn.execute(f"PRAGMA {name}").fetchone()[0]
+                if actual != expected:
+                    raise StorageUnavailable(f"PRAGMA {name} is {actual!r}, wanted {expected!r}")
+        except sqlite3.Error as err:
+            raise StorageUnavailable(f"cannot open database {self.path}: {err}") from err
+        with self._all_lock:
+            self._all.append(conn)
+        return conn
+
+    def close(self) -> None:
+        with self._all_lock:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
+        self._local = threading.local()
+
+    @contextmanager
+    def atomic(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (``BEGIN IMMEDIATE``); nested calls use savepoints.
+
+        Commits on success, rolls back on any exception, and turns ``sqlite3``
+        errors into :class:`errors.StorageUnavailable` or :class:`errors.Conflict`.
+        """
+        conn = self.conn
+        nested = conn.in_transaction
+        savepoint = f"sp_{secrets.token_hex(4)}"
+        try:
+            conn.execute(f"SAVEPOINT {savepoint}" if nested else "BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                if nested:
+                    conn.execute(f"ROLLBACK TO {savepoint}")
+                    conn.execute(f"RELEASE {savepoint}")
+                elif conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute(f"RELEASE {savepoint}" if nested else "COMMIT")
+        except sqlite3.IntegrityError as err:
+            raise Conflict(f"conflicting write: {err}") from err
+        except sqlite3.Error as err:
+            if not nested and conn.in_transaction:
+                with suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            raise StorageUnavailable(f"database write failed: {err}") from err
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        try:
+            return self.conn.execute(sql, params)
+        except sqlite3.IntegrityError as err:
+            raise Conflict(f"conflicting write: {err}") from err
+        except sqlite3.Error as err:
+            raise StorageUnavailable(f"database error: {err}") from err
+
+    def one(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = self.execute(sql, params).fetchone()
+        return row
+
+    def all(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        return list(self.execute(sql, params).fetchall())
+
+    # --- schema ---------------------------------------------------------------
+
+    def migrate(self, now: int) -> list[str]:
+        """Apply pending migrations in order, each recorded in its own transaction."""
+        self.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)"
+        )
+        applied = {r[0] for r in self.all("SELECT version FROM schema_migrations")}
+        if applied - set(range(1, len(MIGRATIONS) + 1)):
+            raise StorageUnavailable("the database was written by a newer licensed; refusing to downgrade it")
+        done = []
+        for version, (name, sql) in enumerate(MIGRATIONS, start=1):
+            if version in applied:
+                continue
+            with self.atomic() as conn:
+                for statement in _statements(sql):
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                    (version, name, now),
+                )
+            done.append(name)
+        return done
+
+    def schema_version(self) -> int:
+        row = self.one("SELECT MAX(version) FROM schema_migrations")
+        return int(row[0] or 0) if row else 0
+
+    # --- settings ---------------------------------------------------------------
+
+    def get_setting(self, key: str) -> str | None:
+        row = self.one("SELECT value FROM settings WHERE key = ?", (key,))
+        return str(row[0]) if row else None
+
+    def put_setting(self, key: str, value: str, now: int) -> None:
+        self.execute(
+            "INSERT INTO settings (key, value, updated_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+            (key, value, now),
+        )
+
+    def check_writable(self, now: int) -> None:
+        """Commit one small write: proves the file and its disk accept writes."""
+        with self.atomic():
+            self.put_setting("health.checked_at", str(now), now)
+
+    # --- customers ---------------------------------------------------------------
+
+    def upsert_customer(
+        self,
+        now: int,
+        *,
+        email: str | None,
+        name: str | None = None,
+        stripe_customer_id: str | None = None,
+        oidc_sub: str | None = None,
+    ) -> str:
+        """The customer id for a Stripe customer (or, without one, an e-mail)."""
+        row = None
+        if stripe_customer_id:
+            row = self.one("SELECT id FROM customers WHERE stripe_customer_id = ?", (stripe_customer_id,))
+        elif email:
+            row = self.one(
+                "SELECT id FROM customers WHERE email = ? COLLATE NOCASE"
+                " AND stripe_customer_id IS NULL ORDER BY created_at LIMIT 1",
+                (email,),
+            )
+        if row:
+            self.execute(
+                "UPDATE customers SET email = COALESCE(?, email), name = COALESCE(?, name),"
+                " oidc_sub = COALESCE(oidc_sub, ?), updated_at = ? WHERE id = ?",
+                (email, name, oidc_sub, now, row[0]),
+            )
+            return str(row[0])
+        customer_id = new_id("cus")
+        self.execute(
+            "INSERT INTO customers (id, email, name, stripe_customer_id, oidc_sub, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (customer_id, email, name, stripe_customer_id, oidc_sub, now, now),
+        )
+        return customer_id
+
+    def get_customer(self, customer_id: str) -> sqlite3.Row | None:
+        return self.one("SELECT * FROM customers WHERE id = ?", (customer_id,))
+
+    # --- licenses ---------------------------------------------------------------
+
+    def insert_license(self, lic: License) -> None:
+        row = lic.to_row()
+        columns = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        self.execute(f"INSERT INTO licenses ({columns}) VALUES ({marks})", list(row.values()))
+
+    def save_license(self, lic: License, now: int) -> None:
+        lic.updated_at = now
+        row = lic.to_row()
+        row.pop("id")
+        assignments = ", ".join(f"{column} = ?" for column in row)
+        self.execute(f"UPDATE licenses SET {assignments} WHERE id = ?", [*row.values(), lic.id])
+
+    def get_license(self, license_id: str) -> License | None:
+        row = self.one("SELECT * FROM licenses WHERE id = ?", (license_id,))
+        return License.from_row(row) if row else None
+
+    def find_license(self, column: str, value: str) -> License | None:
+        if column not in LICENSE_COLUMNS:
+            raise ValueError(column)
+        row = self.one(f"SELECT * FROM licenses WHERE {column} = ? ORDER BY created_at LIMIT 1", (value,))
+        return License.from_row(row) if row else None
+
+    def kids_in_use(self, now: int) -> set[str]:
+        """Signing key ids that signed a licence key that has not yet expired."""
+        rows = self.all(
+            "SELECT DISTINCT key_kid FROM licenses WHERE lifetime = 1 OR paid_through IS NULL"
+            " OR paid_through + grace_days * 86400 > ?",
+            (now,),
+        )
+        return {str(r[0]) for r in rows}
+
+    # --- machines ---------------------------------------------------------------
+
+    def machine_hashes(self, license_id: str) -> list[str]:
+        rows = self.all(
+            "SELECT machine_hash FROM machines WHERE license_id = ? ORDER BY activated_at, id",
+            (license_id,),
+        )
+        return [str(r[0]) for r in rows]
+
+    def machines(self, license_id: str) -> list[sqlite3.Row]:
+        return self.all(
+            "SELECT machine_hash, activated_at, last_seen_at FROM machines WHERE license_id = ?"
+            " ORDER BY activated_at, id",
+            (license_id,),
+        )
+
+    def count_machines(self, license_id: str) -> int:
+        row = self.one("SELECT COUNT(*) FROM machines WHERE license_id = ?", (license_id,))
+        return int(row[0]) if row else 0
+
+    def machine_seen_at(self, license_id: str, machine_hash: str) -> int | None:
+        row = self.one(
+            "SELECT last_seen_at FROM machines WHERE license_id = ? AND machine_hash = ?",
+            (license_id, machine_hash),
+        )
+        return int(row[0]) if row else None
+
+    def add_machine(self, license_id: str, machine_hash: str, now: int) -> None:
+        self.execute(
+            "INSERT INTO machines (license_id, machine_hash, activated_at, last_seen_at) VALUES (?, ?, ?, ?)",
+            (license_id, machine_hash, now, now),
+        )
+
+    def touch_machine(self, license_id: str, machine_hash: str, now: int) -> None:
+        self.execute(
+            "UPDATE machines SET last_seen_at = ? WHERE license_id = ? AND machine_hash = ?",
+            (now, license_id, machine_hash),
+        )
+
+    def remove_machine(self, license_id: str, machine_hash: str) -> bool:
+        cursor = self.execute(
+            "DELETE FROM machines WHERE license_id = ? AND machine_hash = ?",
+            (license_id, machine_hash),
+        )
+        return cursor.rowcount > 0
+
+    def remove_all_machines(self, license_id: str) -> int:
+        return self.execute("DELETE FROM machines WHERE license_id = ?", (license_id,)).rowcount
+
+    # --- audit trail ------------------------------------------------------------
+
+    def audit(
+        self,
+        now: int,
+        actor: str,
+        action: str,
+        license_id: str | None,
+        before: Any = None,
+        after: Any = None,
+    ) -> None:
+        self.execute(
+            "INSERT INTO audit_log (at, actor, action, license_id, before, after) VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                now,
+                actor,
+                action,
+                license_id,
+                None if before is None else json.dumps(before, sort_keys=True),
+                None if after is None else json.dumps(after, sort_keys=True),
+            ),
+        )
+
+
+def _statements(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+def open_store(path: Path, now: int) -> Store:
+    """Open (creating if needed) and migrate the database."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    store = Store(path)
+    store.migrate(now)
+    return store
