@@ -21,8 +21,7 @@ import re
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,19 +29,12 @@ import keys
 import licensing
 import openapi
 from config import Config
-from errors import (
-    BadRequest,
-    ConfigError,
-    InvalidJSON,
-    LicensedError,
-    MethodNotAllowed,
-    NotFound,
-    PayloadTooLarge,
-    UnsupportedMediaType,
-)
+from errors import ConfigError, LicensedError
 from keys import KeyRing
-from plans import EXAMPLE_PLANS, Catalog, load_catalog
-from store import Store, open_store
+from plans import EXAMPLE_PLANS, load_catalog
+from services import Services
+from store import open_store
+from web import Request, Response, Route, Router
 
 __version__ = "0.1.0"
 
@@ -52,86 +44,9 @@ access_log = logging.getLogger("licensed.access")
 WAITRESS_BODY_LIMIT = 16 * 1024 * 1024
 """Waitress' own cap; the app's ``MAX_BODY_BYTES`` (smaller) answers 413 in JSON first."""
 
-Handler = Callable[["Request"], "Response"]
 StartResponse = Callable[..., Any]
 
-# --- requests and responses -------------------------------------------------------
-
-
-class Request:
-    def __init__(self, environ: dict[str, Any], params: dict[str, str], max_body: int) -> None:
-        self.environ = environ
-        self.params = params
-        self.method: str = environ["REQUEST_METHOD"]
-        self.path: str = environ.get("PATH_INFO", "") or "/"
-        self.max_body = max_body
-        self.parsed: Any = None
-        self._body: bytes | None = None
-
-    def header(self, name: str) -> str | None:
-        key = name.upper().replace("-", "_")
-        if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
-            key = "HTTP_" + key
-        value = self.environ.get(key)
-        return str(value) if value is not None else None
-
-    def bearer(self) -> str | None:
-        value = self.header("Authorization") or ""
-        scheme, _, token = value.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            return None
-        return token.strip()
-
-    @property
-    def remote_addr(self) -> str:
-        return str(self.environ.get("REMOTE_ADDR") or "")
-
-    def body(self) -> bytes:
-        """The raw body, at most ``max_body`` bytes (else 413)."""
-        if self._body is None:
-            raw_length = self.environ.get("CONTENT_LENGTH") or "0"
-            try:
-                length = int(raw_length)
-            except ValueError as err:
-                raise BadRequest("bad Content-Length") from err
-            if length > self.max_body:
-                raise PayloadTooLarge(f"the body is larger than {self.max_body} bytes")
-            stream = self.environ["wsgi.input"]
-            data = stream.read(length) if length > 0 else b""
-            self._body = data
-        return self._body
-
-    def json(self) -> Any:
-        media = (self.header("Content-Type") or "").split(";")[0].strip().lower()
-        if media != "application/json":
-            raise UnsupportedMediaType()
-        raw = self.body()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise InvalidJSON("the body is not UTF-8") from err
-        try:
-            return json.loads(text, parse_constant=_reject_constant)
-        except (ValueError, RecursionError) as err:
-            raise InvalidJSON() from err
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-@dataclass
-class Response:
-    body: Any = None
-    status: int = 200
-    headers: list[tuple[str, str]] = field(default_factory=list)
-    content_type: str = "application/json"
-    raw: bytes | None = None
-
-    def encode(self) -> bytes:
-        if self.raw is not None:
-            return self.raw
-        return json.dumps(self.body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+# --- responses -----------------------------------------------------------------------
 
 
 def error_response(err: LicensedError) -> Response:
@@ -159,61 +74,6 @@ _REASONS = {
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
-
-
-# --- routing -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Route:
-    method: str
-    path: str
-    handler: Handler
-    summary: str
-    tag: str = "licensing"
-    auth: str | None = None
-    body: openapi.Schema | None = None
-    response: openapi.Schema | None = None
-    status: int = 200
-
-    @property
-    def pattern(self) -> re.Pattern[str]:
-        regex = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[A-Za-z0-9_.-]{1,255})", re.escape(self.path))
-        return re.compile(f"^{regex}$")
-
-
-class Router:
-    def __init__(self, routes: Iterable[Route]) -> None:
-        self.routes = list(routes)
-        self._static: dict[str, dict[str, Route]] = {}
-        self._dynamic: list[tuple[re.Pattern[str], dict[str, Route]]] = []
-        for route in self.routes:
-            if "{" in route.path:
-                for pattern, methods in self._dynamic:
-                    if pattern.pattern == route.pattern.pattern:
-                        methods[route.method] = route
-                        break
-                else:
-                    self._dynamic.append((route.pattern, {route.method: route}))
-            else:
-                self._static.setdefault(route.path, {})[route.method] = route
-
-    def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
-        methods = self._static.get(path)
-        params: dict[str, str] = {}
-        if methods is None:
-            for pattern, candidates in self._dynamic:
-                found = pattern.match(path)
-                if found:
-                    methods, params = candidates, found.groupdict()
-                    break
-        if methods is None:
-            raise NotFound(f"no route {path}")
-        route = methods.get(method)
-        if route is None:
-            raise MethodNotAllowed(list(methods))
-        return route, params
-
 
 # --- the application ----------------------------------------------------------------
 
@@ -255,26 +115,6 @@ LICENSE_ANSWER: openapi.Schema = {
         "lease": {"type": "string"},
     },
 }
-
-
-@dataclass
-class Services:
-    """Everything a handler needs, built once in ``main()`` (or by a test)."""
-
-    config: Config
-    store: Store
-    ring: KeyRing
-    catalog: Catalog
-    clock: Callable[[], float] = time.time
-
-    def now(self) -> int:
-        return int(self.clock())
-
-    @property
-    def licensing(self) -> licensing.Licensing:
-        return licensing.Licensing(
-            self.store, self.ring, self.catalog, self.config.app_base_url, self.config.lease_ttl_hours
-        )
 
 
 class App:

@@ -1,0 +1,200 @@
+"""Shared fixtures: a frozen clock, a data dir with test plans, and a live server.
+
+``live`` runs the real WSGI app under a real waitress server on a free port of
+127.0.0.1, with the clock frozen so tests can step across paid-through and
+grace boundaries.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+import licensed
+import licensing
+from config import Config
+from services import Services
+from store import License
+
+T0 = 1_800_000_000  # 2027-01-15T08:00:00Z: a fixed "now" for tests
+DAY = 86400
+
+TEST_PLANS = """\
+[products.dashcaddy]
+name = "DashCaddy"
+key_prefix = "DC"
+
+[products.desktop]
+name = "Desktop App"
+key_prefix = "DT"
+
+[plans.pro-monthly]
+product = "dashcaddy"
+name = "DashCaddy Pro, monthly"
+tier = "PRO"
+stripe_price = "price_pro_monthly"
+max_machines = 1
+features = ["sso", "recipes"]
+grace_days = 7
+
+[plans.team-monthly]
+product = "dashcaddy"
+name = "DashCaddy Team, monthly"
+tier = "TEAM"
+stripe_price = "price_team_monthly"
+max_machines = 3
+features = ["sso", "recipes", "swarm"]
+grace_days = 7
+
+[plans.basic-monthly]
+product = "dashcaddy"
+name = "DashCaddy Basic, monthly"
+tier = "BASE"
+stripe_price = "price_basic_monthly"
+max_machines = 1
+features = []
+grace_days = 3
+
+[plans.pro-year]
+product = "dashcaddy"
+name = "DashCaddy Pro, one year"
+tier = "PRO"
+stripe_price = "price_pro_year"
+features = ["sso"]
+duration_days = 365
+
+[plans.lifetime]
+product = "dashcaddy"
+name = "DashCaddy Lifetime"
+tier = "LIFE"
+max_machines = 2
+features = ["sso", "recipes", "swarm"]
+lifetime = true
+public = false
+
+[plans.desktop-pro]
+product = "desktop"
+name = "Desktop Pro"
+tier = "PRO"
+stripe_price = "price_desktop_pro"
+features = ["export"]
+duration_days = 30
+"""
+
+
+class FrozenClock:
+    """A clock tests move by hand."""
+
+    def __init__(self, now: float = T0) -> None:
+        self.now = float(now)
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def set(self, now: float) -> None:
+        self.now = float(now)
+
+
+@pytest.fixture
+def clock() -> FrozenClock:
+    return FrozenClock()
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    """A data dir holding the test plans and one signing key."""
+    path = tmp_path / "data"
+    path.mkdir(mode=0o700)
+    (path / "plans.toml").write_text(TEST_PLANS, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def config(data_dir: Path) -> Config:
+    return Config(data_dir=data_dir, app_base_url="http://licensed.test")
+
+
+@pytest.fixture
+def services(config: Config, clock: FrozenClock) -> Iterator[Services]:
+    licensed.init_data_dir(config, int(clock()))
+    built = licensed.build_services(config, clock)
+    yield built
+    built.store.close()
+
+
+@dataclass
+class Live:
+    """A running server and handles on its insides."""
+
+    url: str
+    services: Services
+    clock: FrozenClock
+    http: requests.Session
+
+    def get(self, path: str, **kwargs: Any) -> requests.Response:
+        return self.http.get(self.url + path, timeout=10, **kwargs)
+
+    def post(self, path: str, body: Any = None, **kwargs: Any) -> requests.Response:
+        return self.http.post(self.url + path, json=body, timeout=10, **kwargs)
+
+    def issue(self, plan: str = "pro-monthly", *, days: int | None = 30, **kwargs: Any) -> str:
+        """Issue a licence straight through the licensing layer; returns its key."""
+        lic = self.issue_license(plan, days=days, **kwargs)
+        return self.key_of(lic)
+
+    def issue_license(self, plan: str = "pro-monthly", *, days: int | None = 30, **kwargs: Any) -> License:
+        services = self.services
+        chosen = services.catalog.plans[plan]
+        if chosen.lifetime or chosen.duration_days:
+            days = kwargs.pop("days_override", None)
+        return licensing.issue_license(
+            services.store,
+            services.ring,
+            chosen,
+            email=kwargs.pop("email", "buyer@example.com"),
+            now=services.now(),
+            actor="test",
+            days=days,
+            **kwargs,
+        )
+
+    def key_of(self, lic: License | str) -> str:
+        services = self.services
+        row = services.store.get_license(lic if isinstance(lic, str) else lic.id)
+        assert row is not None
+        return licensing.license_key(row, services.catalog, services.ring, services.config.app_base_url)
+
+    def license(self, license_id: str) -> License:
+        row = self.services.store.get_license(license_id)
+        assert row is not None
+        return row
+
+
+def start_server(services: Services) -> tuple[Any, threading.Thread, str]:
+    config = replace(services.config, host="127.0.0.1", port=0, threads=8)
+    server = licensed.create_server(licensed.App(services), config)
+    thread = threading.Thread(target=server.run, name="waitress", daemon=True)
+    thread.start()
+    return server, thread, f"http://127.0.0.1:{server.effective_port}"
+
+
+def stop_server(server: Any, thread: threading.Thread) -> None:
+    server.close()
+    thread.join(timeout=5)
+
+
+@pytest.fixture
+def live(services: Services, clock: FrozenClock) -> Iterator[Live]:
+    server, thread, url = start_server(services)
+    with requests.Session() as http:
+        yield Live(url=url, services=services, clock=clock, http=http)
+    stop_server(server, thread)
