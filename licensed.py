@@ -128,6 +128,10 @@ class App:
         self._openapi = openapi.document(self.router.routes, self.config.app_base_url, __version__)
 
     def routes(self) -> list[Route]:
+        """The routing table: the core routes here, then each route module's rows."""
+        return [*self.core_routes()]
+
+    def core_routes(self) -> list[Route]:
         return [
             Route("GET", "/health", self.health, "Liveness and database writability", tag="ops"),
             Route(

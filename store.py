@@ -110,19 +110,17 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
 
         CREATE TABLE outbox (
             id INTEGER PRIMARY KEY,
-            license_id TEXT REFERENCES licenses (id) ON DELETE SET NULL,
+            license_id TEXT REFERENCES licenses (id) ON DELETE CASCADE,
             kind TEXT NOT NULL,
             to_addr TEXT NOT NULL,
             to_name TEXT,
-            subject TEXT NOT NULL,
-            body_text TEXT NOT NULL,
-            body_html TEXT,
             status TEXT NOT NULL DEFAULT 'pending'
                 CHECK (status IN ('pending', 'sending', 'sent', 'failed')),
             attempts INTEGER NOT NULL DEFAULT 0,
             next_attempt_at INTEGER NOT NULL,
             claimed_until INTEGER,
             last_error TEXT,
+            message_id TEXT,
             created_at INTEGER NOT NULL,
             sent_at INTEGER
         );
@@ -478,6 +476,23 @@ class Store:
 
     def remove_all_machines(self, license_id: str) -> int:
         return self.execute("DELETE FROM machines WHERE license_id = ?", (license_id,)).rowcount
+
+    # --- outbox ---------------------------------------------------------------------
+
+    def enqueue_mail(
+        self, license_id: str, kind: str, to_addr: str, to_name: str | None, now: int
+    ) -> int:
+        """Queue a message about a licence; call inside the transaction that changes it.
+
+        Only the licence id and the kind of message are stored: the body, and
+        the key in it, are rendered from the licence row when the mail is sent.
+        """
+        cursor = self.execute(
+            "INSERT INTO outbox (license_id, kind, to_addr, to_name, next_attempt_at, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (license_id, kind, to_addr, to_name, now, now),
+        )
+        return int(cursor.lastrowid or 0)
 
     # --- audit trail ------------------------------------------------------------
 
