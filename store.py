@@ -73,7 +73,9 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
             stripe_payment_intent_id TEXT,
             stripe_charge_id TEXT,
             stripe_price_id TEXT,
-            stripe_state_at INTEGER NOT NULL DEFAULT 0,
+            snapshot_version TEXT NOT NULL DEFAULT '',
+            status_version TEXT NOT NULL DEFAULT '',
+            ended_at INTEGER,
             key_kid TEXT NOT NULL,
             key_iat INTEGER NOT NULL,
             created_at INTEGER NOT NULL,
@@ -107,6 +109,18 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         );
         CREATE INDEX stripe_events_status ON stripe_events (status, received_at);
         CREATE INDEX stripe_events_license ON stripe_events (license_id);
+
+        CREATE TABLE payments (
+            ref TEXT PRIMARY KEY,
+            license_id TEXT NOT NULL REFERENCES licenses (id) ON DELETE CASCADE
+        );
+
+        CREATE TABLE disputes (
+            id TEXT PRIMARY KEY,
+            license_id TEXT NOT NULL REFERENCES licenses (id) ON DELETE CASCADE,
+            status TEXT NOT NULL,
+            version TEXT NOT NULL
+        );
 
         CREATE TABLE outbox (
             id INTEGER PRIMARY KEY,
@@ -179,7 +193,9 @@ class License:
     stripe_payment_intent_id: str | None
     stripe_charge_id: str | None
     stripe_price_id: str | None
-    stripe_state_at: int
+    snapshot_version: str
+    status_version: str
+    ended_at: int | None
     key_kid: str
     key_iat: int
     created_at: int
@@ -479,9 +495,7 @@ class Store:
 
     # --- outbox ---------------------------------------------------------------------
 
-    def enqueue_mail(
-        self, license_id: str, kind: str, to_addr: str, to_name: str | None, now: int
-    ) -> int:
+    def enqueue_mail(self, license_id: str, kind: str, to_addr: str, to_name: str | None, now: int) -> int:
         """Queue a message about a licence; call inside the transaction that changes it.
 
         Only the licence id and the kind of message are stored: the body, and

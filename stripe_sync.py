@@ -1,0 +1,968 @@
+"""Stripe: webhook verification, event → entitlement rules, checkout, the portal.
+
+Stripe is the billing truth; this module turns its events into licence state.
+
+Exactly once: an event id is recorded in the same transaction as its effect,
+so a duplicate changes nothing. Out of order: every field keeps the version
+(event ``created``, then id) of the event that last set it, and an older event
+never overwrites a newer value; ``paid_through`` only grows (it is the latest
+paid period end) until the subscription ends, which is final. Any order and any
+duplication of one subscription's events therefore ends in the same state.
+
+Stripe API calls happen before the write transaction opens, never inside it,
+so a slow Stripe never holds the database lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import re
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import stripe
+
+import keys
+import licensing
+import openapi
+from errors import (
+    BadRequest,
+    Conflict,
+    LicensedError,
+    NotFound,
+    StripeNotConfigured,
+    StripeUnavailable,
+    Unauthorized,
+    ValidationFailed,
+)
+from plans import Plan
+from services import Services
+from store import License, Store
+from web import Request, Response, Route
+
+log = logging.getLogger("licensed.stripe")
+
+SIGNATURE_TOLERANCE = 300
+STRIPE_TIMEOUT = 15.0
+STRIPE_RETRIES = 2
+
+ALIVE = frozenset({"active", "trialing", "past_due"})
+TERMINAL = frozenset({"canceled", "incomplete_expired"})
+"""Subscription states Stripe never leaves: final here too."""
+
+DISPUTE_CLOSED = frozenset({"won", "lost", "warning_closed", "charge_refunded", "prevented"})
+
+HANDLED_EVENTS = (
+    "checkout.session.completed",
+    "checkout.session.async_payment_succeeded",
+    "customer.subscription.created",
+    "customer.subscription.updated",
+    "customer.subscription.deleted",
+    "customer.subscription.paused",
+    "customer.subscription.resumed",
+    "invoice.paid",
+    "invoice.payment_succeeded",
+    "invoice.payment_failed",
+    "charge.refunded",
+    "charge.dispute.created",
+    "charge.dispute.updated",
+    "charge.dispute.closed",
+)
+
+
+class WebhookSignatureError(BadRequest):
+    code = "INVALID_SIGNATURE"
+    default_message = "the Stripe-Signature header does not verify"
+
+
+class WebhookFailed(LicensedError):
+    """Processing failed and was rolled back; Stripe should retry."""
+
+    status = 500
+    code = "WEBHOOK_FAILED"
+
+
+class NoLicenseYet(LicensedError):
+    """The event refers to a licence not created yet: fail, so Stripe retries later."""
+
+    status = 500
+    code = "LICENSE_NOT_YET_KNOWN"
+
+
+# --- webhook signatures ---------------------------------------------------------------
+
+
+def sign_payload(payload: bytes, secret: str, timestamp: int) -> str:
+    """The ``Stripe-Signature`` header Stripe would send (used by tests and tools)."""
+    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + payload, hashlib.sha256)
+    return f"t={timestamp},v1={mac.hexdigest()}"
+
+
+def verify_signature(payload: bytes, header: str | None, secrets: tuple[str, ...], now: int) -> None:
+    """Accept the payload only if a ``v1`` signature matches one configured secret
+    and its timestamp lies within the tolerance of ``now`` (both directions)."""
+    if not header:
+        raise WebhookSignatureError("the Stripe-Signature header is missing")
+    timestamp: int | None = None
+    signatures: list[str] = []
+    for part in header.split(","):
+        name, _, value = part.strip().partition("=")
+        if name == "t" and value.isdigit() and len(value) <= 12:
+            timestamp = int(value)
+        elif name == "v1" and value:
+            signatures.append(value)
+    if timestamp is None or not signatures:
+        raise WebhookSignatureError("the Stripe-Signature header is malformed")
+    if abs(now - timestamp) > SIGNATURE_TOLERANCE:
+        raise WebhookSignatureError("the signature timestamp is outside the tolerance")
+    signed = f"{timestamp}.".encode() + payload
+    for secret in secrets:
+        expected = hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
+        if any(hmac.compare_digest(expected, given) for given in signatures):
+            return
+    raise WebhookSignatureError()
+
+
+# --- the Stripe API ------------------------------------------------------------------------
+
+
+class StripeGateway:
+    """The one Stripe client: explicit timeouts and retries; answers plain dicts.
+
+    ``stripe`` exceptions are translated here: a missing object is NotFound,
+    anything else StripeUnavailable.
+    """
+
+    def __init__(self, secret_key: str, api_base: str | None = None) -> None:
+        http = stripe.new_default_http_client(timeout=STRIPE_TIMEOUT)
+        bases: Any = {"api": api_base} if api_base else None
+        self.client = stripe.StripeClient(
+            secret_key,
+            base_addresses=bases,
+            max_network_retries=STRIPE_RETRIES,
+            http_client=http,
+        )
+        self.calls = 0
+
+    def request(self, method: str, path: str, **params: Any) -> dict[str, Any]:
+        self.calls += 1
+        try:
+            response = self.client.raw_request(method, path, **params)
+        except stripe.InvalidRequestError as err:
+            if err.http_status == 404:
+                raise NotFound(f"Stripe has no {path}") from err
+            raise StripeUnavailable(f"Stripe refused {method.upper()} {path}: {err.user_message}") from err
+        except stripe.StripeError as err:
+            raise StripeUnavailable(f"Stripe call failed: {type(err).__name__}") from err
+        data = response.data
+        if not isinstance(data, dict):
+            raise StripeUnavailable("Stripe answered something that is not an object")
+        return data
+
+    def get(self, path: str, **params: Any) -> dict[str, Any]:
+        return self.request("get", path, **params)
+
+    def post(self, path: str, **params: Any) -> dict[str, Any]:
+        return self.request("post", path, **params)
+
+    def list_all(
+        self, path: str, limit: int = 100, max_pages: int = 1000, **params: Any
+    ) -> Iterator[dict[str, Any]]:
+        """Every object of a list endpoint, page by page (bounded)."""
+        after: str | None = None
+        for _ in range(max_pages):
+            page_params = dict(params, limit=limit)
+            if after:
+                page_params["starting_after"] = after
+            page = self.get(path, **page_params)
+            items = page.get("data") or []
+            yield from items
+            if not page.get("has_more") or not items:
+                return
+            after = items[-1]["id"]
+
+
+def _id_of(value: Any) -> str | None:
+    """An expandable Stripe field: an id string or an object with an id."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("id"), str):
+        return str(value["id"])
+    return None
+
+
+# --- payload readers (both Stripe API shapes) ------------------------------------------------
+
+
+def subscription_period_end(sub: dict[str, Any]) -> int | None:
+    """Top-level ``current_period_end`` (older API) or the items' (current API)."""
+    if isinstance(sub.get("current_period_end"), int):
+        return int(sub["current_period_end"])
+    ends = [
+        item["current_period_end"]
+        for item in (sub.get("items") or {}).get("data") or []
+        if isinstance(item.get("current_period_end"), int)
+    ]
+    return max(ends) if ends else None
+
+
+def subscription_price(sub: dict[str, Any]) -> dict[str, Any]:
+    """The first item's price (or legacy plan) object, or ``{"id": …}``."""
+    items = (sub.get("items") or {}).get("data") or []
+    first = items[0] if items else {}
+    price = first.get("price") or first.get("plan") or sub.get("plan") or {}
+    if isinstance(price, str):
+        return {"id": price}
+    return dict(price)
+
+
+def subscription_quantity(sub: dict[str, Any]) -> int:
+    items = (sub.get("items") or {}).get("data") or []
+    quantity = (items[0].get("quantity") if items else None) or sub.get("quantity") or 1
+    return max(1, int(quantity))
+
+
+def invoice_subscription(inv: dict[str, Any]) -> str | None:
+    """``invoice.subscription`` (older API) or ``parent.subscription_details.subscription``."""
+    found = _id_of(inv.get("subscription"))
+    if found:
+        return found
+    details = (inv.get("parent") or {}).get("subscription_details") or {}
+    return _id_of(details.get("subscription"))
+
+
+def invoice_period_end(inv: dict[str, Any]) -> int | None:
+    """The end of the period an invoice pays for: its subscription lines' latest end."""
+    ends = []
+    for line in (inv.get("lines") or {}).get("data") or []:
+        period = line.get("period") or {}
+        if isinstance(period.get("end"), int):
+            ends.append(int(period["end"]))
+    return max(ends) if ends else None
+
+
+def invoice_payment_ids(inv: dict[str, Any]) -> list[str]:
+    """Payment intent and charge ids that paid an invoice (both shapes)."""
+    found = [_id_of(inv.get("payment_intent")), _id_of(inv.get("charge"))]
+    for payment in (inv.get("payments") or {}).get("data") or []:
+        inner = payment.get("payment") or {}
+        found += [_id_of(inner.get("payment_intent")), _id_of(inner.get("charge"))]
+    return [f for f in found if f]
+
+
+def _version(event: dict[str, Any]) -> str:
+    """Orders events: ``created`` first, the id breaking ties deterministically."""
+    return f"{int(event['created']):012d}:{event['id']}"
+
+
+# --- the event processor ------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    status: str  # applied | ignored | duplicate
+    license_id: str | None = None
+    detail: str = ""
+
+
+@dataclass
+class Prepared:
+    """What an event needs from Stripe, fetched before the transaction opens."""
+
+    subscription: dict[str, Any] | None = None
+    customer: dict[str, Any] | None = None
+    plan: Plan | None = None
+    license_id: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class EventProcessor:
+    """Applies verified Stripe events to the store: the webhook and the reconciler share it."""
+
+    def __init__(self, services: Services, gateway: StripeGateway | None) -> None:
+        self.services = services
+        self.store: Store = services.store
+        self.gateway = gateway
+
+    # --- entry point ---
+
+    def process(self, event: dict[str, Any], now: int) -> Outcome:
+        """Apply ``event`` exactly once; on failure record it and raise WebhookFailed."""
+        event_id = event["id"]
+        if self._done(event_id):
+            return Outcome("duplicate")
+        handler = self._handlers().get(event["type"])
+        try:
+            prepared = self._prepare(event) if handler else Prepared()
+            with self.store.atomic():
+                if self._done(event_id):
+                    return Outcome("duplicate")
+                if handler is None:
+                    outcome = Outcome("ignored", detail="event type not handled")
+                else:
+                    outcome = handler(event, prepared, now)
+                self._record(event, outcome.status, outcome.license_id, None, now)
+            return outcome
+        except Exception as err:
+            message = err.message if isinstance(err, LicensedError) else f"{type(err).__name__}: {err}"
+            log.warning(
+                "stripe event failed", extra={"event_id": event_id, "type": event["type"], "error": message}
+            )
+            try:
+                with self.store.atomic():
+                    self._record(event, "failed", None, message, now)
+            except LicensedError:
+                log.error("could not record failed event", extra={"event_id": event_id})
+            raise WebhookFailed(f"event {event_id} failed: {message}") from err
+
+    def _done(self, event_id: str) -> bool:
+        row = self.store.one("SELECT status FROM stripe_events WHERE id = ?", (event_id,))
+        return row is not None and row[0] in ("applied", "ignored")
+
+    def _record(
+        self, event: dict[str, Any], status: str, license_id: str | None, error: str | None, now: int
+    ) -> None:
+        self.store.execute(
+            "INSERT INTO stripe_events (id, type, created, status, attempts, error, license_id, payload,"
+            " received_at, processed_at) VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (id) DO UPDATE SET status = excluded.status, attempts = attempts + 1,"
+            " error = excluded.error, license_id = COALESCE(excluded.license_id, license_id),"
+            " processed_at = excluded.processed_at",
+            (
+                event["id"],
+                event["type"],
+                int(event["created"]),
+                status,
+                error,
+                license_id,
+                json.dumps(event, separators=(",", ":")),
+                now,
+                now,
+            ),
+        )
+
+    def _handlers(self) -> dict[str, Callable[[dict[str, Any], Prepared, int], Outcome]]:
+        return {
+            "checkout.session.completed": self._checkout_completed,
+            "checkout.session.async_payment_succeeded": self._checkout_completed,
+            "customer.subscription.created": self._subscription_snapshot,
+            "customer.subscription.updated": self._subscription_snapshot,
+            "customer.subscription.deleted": self._subscription_snapshot,
+            "customer.subscription.paused": self._subscription_snapshot,
+            "customer.subscription.resumed": self._subscription_snapshot,
+            "invoice.paid": self._invoice_paid,
+            "invoice.payment_succeeded": self._invoice_paid,
+            "invoice.payment_failed": self._invoice_failed,
+            "charge.refunded": self._charge_refunded,
+            "charge.dispute.created": self._dispute,
+            "charge.dispute.updated": self._dispute,
+            "charge.dispute.closed": self._dispute,
+        }
+
+    # --- preparation (may call Stripe; no transaction open) ---
+
+    def _need_gateway(self, why: str) -> StripeGateway:
+        if self.gateway is None:
+            raise StripeNotConfigured(f"Stripe is needed to {why}")
+        return self.gateway
+
+    def _prepare(self, event: dict[str, Any]) -> Prepared:
+        obj = event["data"]["object"]
+        kind = event["type"]
+        prepared = Prepared()
+        if kind.startswith("checkout.session."):
+            if obj.get("mode") == "subscription":
+                sub_id = _id_of(obj.get("subscription"))
+                if sub_id and not self.store.find_license("stripe_subscription_id", sub_id):
+                    sub = obj["subscription"] if isinstance(obj.get("subscription"), dict) else None
+                    prepared.subscription = sub or self._need_gateway("read the subscription").get(
+                        f"/v1/subscriptions/{sub_id}"
+                    )
+            prepared.plan = self._plan_for_session(obj, prepared.subscription)
+        elif kind.startswith("customer.subscription."):
+            prepared.plan = self._plan_for_subscription(obj)
+            if not self.store.find_license("stripe_subscription_id", obj["id"]):
+                prepared.customer = self._customer(obj.get("customer"))
+        elif kind.startswith("invoice."):
+            sub_id = invoice_subscription(obj)
+            if sub_id and not self.store.find_license("stripe_subscription_id", sub_id):
+                # The subscription's own events have not arrived: learn it from Stripe.
+                sub = self._need_gateway("read the invoice's subscription").get(f"/v1/subscriptions/{sub_id}")
+                prepared.subscription = sub
+                prepared.plan = self._plan_for_subscription(sub)
+                prepared.customer = self._customer(sub.get("customer"))
+        elif kind == "charge.refunded" or kind.startswith("charge.dispute."):
+            charge_id = obj["id"] if kind == "charge.refunded" else _id_of(obj.get("charge"))
+            payment_intent = _id_of(obj.get("payment_intent"))
+            prepared.license_id = self._license_for_payment(charge_id, payment_intent, obj)
+        return prepared
+
+    def _customer(self, value: Any) -> dict[str, Any] | None:
+        if isinstance(value, dict):
+            return value
+        customer_id = _id_of(value)
+        if not customer_id or self.gateway is None:
+            return {"id": customer_id} if customer_id else None
+        try:
+            return self.gateway.get(f"/v1/customers/{customer_id}")
+        except NotFound:
+            return {"id": customer_id}
+
+    def _plan_for_price(self, price: dict[str, Any]) -> Plan | None:
+        """Plans file by price id, else ``license_plan`` in price or product metadata."""
+        catalog = self.services.catalog
+        price_id = _id_of(price)
+        if price_id:
+            plan = catalog.plan_for_price(price_id)
+            if plan:
+                return plan
+        named = (price.get("metadata") or {}).get("license_plan")
+        product = price.get("product")
+        if not named and isinstance(product, dict):
+            named = (product.get("metadata") or {}).get("license_plan")
+        if not named and isinstance(product, str) and self.gateway is not None:
+            try:
+                named = (self.gateway.get(f"/v1/products/{product}").get("metadata") or {}).get(
+                    "license_plan"
+                )
+            except NotFound:
+                named = None
+        return catalog.plans.get(named) if named else None
+
+    def _plan_for_subscription(self, sub: dict[str, Any]) -> Plan | None:
+        plan = self._plan_for_price(subscription_price(sub))
+        if plan is None:
+            named = (sub.get("metadata") or {}).get("plan")
+            plan = self.services.catalog.plans.get(named) if named else None
+        return plan
+
+    def _plan_for_session(self, session: dict[str, Any], sub: dict[str, Any] | None) -> Plan | None:
+        named = (session.get("metadata") or {}).get("plan")
+        if named and named in self.services.catalog.plans:
+            return self.services.catalog.plans[named]
+        if sub is not None:
+            plan = self._plan_for_subscription(sub)
+            if plan:
+                return plan
+        if self.gateway is None:
+            return None
+        items = self.gateway.get(
+            f"/v1/checkout/sessions/{session['id']}/line_items", **{"expand[]": "data.price.product"}
+        )
+        for item in items.get("data") or []:
+            plan = self._plan_for_price(item.get("price") or {})
+            if plan:
+                return plan
+        return None
+
+    def _license_for_payment(
+        self, charge_id: str | None, payment_intent: str | None, obj: dict[str, Any]
+    ) -> str | None:
+        for ref in (charge_id, payment_intent):
+            if ref:
+                row = self.store.one("SELECT license_id FROM payments WHERE ref = ?", (ref,))
+                if row:
+                    return str(row[0])
+        if payment_intent:
+            lic = self.store.find_license("stripe_payment_intent_id", payment_intent)
+            if lic:
+                return lic.id
+        if charge_id:
+            lic = self.store.find_license("stripe_charge_id", charge_id)
+            if lic:
+                return lic.id
+        invoice_id = _id_of(obj.get("invoice"))
+        if invoice_id is None and charge_id and self.gateway is not None:
+            try:
+                charge = self.gateway.get(f"/v1/charges/{charge_id}")
+            except NotFound:
+                charge = {}
+            invoice_id = _id_of(charge.get("invoice"))
+            payment_intent = payment_intent or _id_of(charge.get("payment_intent"))
+        if invoice_id is None and payment_intent and self.gateway is not None:
+            try:
+                found = self.gateway.get(
+                    "/v1/invoice_payments",
+                    **{"payment[type]": "payment_intent", "payment[payment_intent]": payment_intent},
+                )
+                first = (found.get("data") or [{}])[0]
+                invoice_id = _id_of(first.get("invoice"))
+            except (NotFound, StripeUnavailable):
+                invoice_id = None
+        if invoice_id and self.gateway is not None:
+            inv = self.gateway.get(f"/v1/invoices/{invoice_id}")
+            sub_id = invoice_subscription(inv)
+            if sub_id:
+                lic = self.store.find_license("stripe_subscription_id", sub_id)
+                if lic is None:
+                    raise NoLicenseYet(f"the subscription {sub_id} of this payment has no licence yet")
+                return lic.id
+        return None
+
+    # --- application (inside the transaction) ---
+
+    def _new_license(
+        self, plan: Plan, customer: dict[str, Any] | None, email: str | None, name: str | None, now: int
+    ) -> License:
+        customer_id = self.store.upsert_customer(
+            now, email=email, name=name, stripe_customer_id=_id_of(customer)
+        )
+        return licensing.new_license(
+            plan=plan, customer_id=customer_id, ring=self.services.ring, now=now, source="stripe"
+        )
+
+    def _mail_key(self, lic: License, email: str | None, name: str | None, now: int) -> None:
+        if email:
+            self.store.enqueue_mail(lic.id, "license_key", email, name, now)
+
+    def _checkout_completed(self, event: dict[str, Any], prepared: Prepared, now: int) -> Outcome:
+        session = event["data"]["object"]
+        if session.get("payment_status") not in ("paid", "no_payment_required"):
+            return Outcome("ignored", detail="payment not complete yet")
+        plan = prepared.plan
+        if plan is None:
+            return Outcome("ignored", detail="no plan for what was bought")
+        details = session.get("customer_details") or {}
+        email = details.get("email") or session.get("customer_email")
+        name = details.get("name")
+        oidc_sub = session.get("client_reference_id")
+        existing = self.store.find_license("stripe_checkout_session_id", session["id"])
+        sub_id = _id_of(session.get("subscription"))
+        if existing is None and sub_id:
+            existing = self.store.find_license("stripe_subscription_id", sub_id)
+        if existing is not None:
+            before = licensing.license_view(existing, 0)
+            existing.stripe_checkout_session_id = existing.stripe_checkout_session_id or session["id"]
+            self._link_customer(existing.customer_id, email, name, oidc_sub, now)
+            self.store.save_license(existing, now)
+            self.store.audit(
+                now,
+                "stripe",
+                "license.link_checkout",
+                existing.id,
+                before,
+                licensing.license_view(existing, 0),
+            )
+            return Outcome("applied", existing.id, "checkout linked to existing licence")
+        customer = session.get("customer")
+        lic = self._new_license(plan, customer if customer else None, email, name, now)
+        lic.stripe_checkout_session_id = session["id"]
+        lic.stripe_customer_id = _id_of(customer)
+        lic.stripe_price_id = plan.stripe_price
+        if session.get("mode") == "subscription" and sub_id:
+            lic.stripe_subscription_id = sub_id
+            sub = prepared.subscription or {}
+            self._apply_snapshot(lic, sub, plan, event, now, created=True)
+        else:
+            lic.stripe_payment_intent_id = _id_of(session.get("payment_intent"))
+            if plan.duration_days and not plan.lifetime:
+                lic.paid_through = int(event["created"]) + plan.duration_days * 86400
+        self.store.insert_license(lic)
+        if lic.stripe_payment_intent_id:
+            self._remember_payment(lic.stripe_payment_intent_id, lic.id)
+        if oidc_sub:
+            self._link_customer(lic.customer_id, None, None, oidc_sub, now)
+        self.store.audit(now, "stripe", "license.create", lic.id, None, licensing.license_view(lic, 0))
+        self._mail_key(lic, email, name, now)
+        return Outcome("applied", lic.id, "licence created")
+
+    def _link_customer(
+        self, customer_id: str, email: str | None, name: str | None, oidc_sub: str | None, now: int
+    ) -> None:
+        self.store.execute(
+            "UPDATE customers SET email = COALESCE(email, ?), name = COALESCE(name, ?), updated_at = ?"
+            " WHERE id = ?",
+            (email, name, now, customer_id),
+        )
+        if oidc_sub and isinstance(oidc_sub, str) and len(oidc_sub) <= 255:
+            taken = self.store.one("SELECT id FROM customers WHERE oidc_sub = ?", (oidc_sub,))
+            if taken is None:
+                self.store.execute(
+                    "UPDATE customers SET oidc_sub = ? WHERE id = ? AND oidc_sub IS NULL",
+                    (oidc_sub, customer_id),
+                )
+
+    def _remember_payment(self, ref: str, license_id: str) -> None:
+        self.store.execute(
+            "INSERT INTO payments (ref, license_id) VALUES (?, ?) ON CONFLICT (ref) DO NOTHING",
+            (ref, license_id),
+        )
+
+    def _subscription_snapshot(self, event: dict[str, Any], prepared: Prepared, now: int) -> Outcome:
+        sub = event["data"]["object"]
+        return self._snapshot(sub, prepared, event, now)
+
+    def _snapshot(self, sub: dict[str, Any], prepared: Prepared, event: dict[str, Any], now: int) -> Outcome:
+        lic = self.store.find_license("stripe_subscription_id", sub["id"])
+        plan = prepared.plan
+        if lic is None:
+            if plan is None:
+                return Outcome("ignored", detail="subscription is not for a licensed plan")
+            if sub.get("status") in ("incomplete", "incomplete_expired"):
+                return Outcome("ignored", detail="subscription not paid yet")
+            customer = prepared.customer or (
+                {"id": _id_of(sub.get("customer"))} if sub.get("customer") else None
+            )
+            email = (customer or {}).get("email")
+            name = (customer or {}).get("name")
+            lic = self._new_license(plan, customer, email, name, now)
+            lic.stripe_subscription_id = sub["id"]
+            lic.stripe_customer_id = _id_of(sub.get("customer"))
+            self._apply_snapshot(lic, sub, plan, event, now, created=True)
+            self.store.insert_license(lic)
+            self.store.audit(now, "stripe", "license.create", lic.id, None, licensing.license_view(lic, 0))
+            if licensing.entitlement(lic, now) in licensing.VALID_CODES:
+                self._mail_key(lic, email, name, now)
+            return Outcome("applied", lic.id, "licence created")
+        before = licensing.license_view(lic, 0)
+        changed = self._apply_snapshot(lic, sub, plan, event, now, created=False)
+        if not changed:
+            return Outcome("applied", lic.id, "no change (older or same state)")
+        self.store.save_license(lic, now)
+        self.store.audit(now, "stripe", "license.update", lic.id, before, licensing.license_view(lic, 0))
+        return Outcome("applied", lic.id, "licence updated")
+
+    def _apply_snapshot(
+        self,
+        lic: License,
+        sub: dict[str, Any],
+        plan: Plan | None,
+        event: dict[str, Any],
+        now: int,
+        *,
+        created: bool,
+    ) -> bool:
+        """Merge a subscription snapshot into the licence; True if anything changed."""
+        version = _version(event)
+        claims_before = licensing.key_claims(lic, "")
+        state_before = (lic.subscription_status, lic.paid_through, lic.cancel_at_period_end, lic.plan)
+        status = sub.get("status")
+        if isinstance(status, str):
+            self._set_status(lic, status, version)
+        if version > lic.snapshot_version:
+            lic.snapshot_version = version
+            lic.cancel_at_period_end = bool(sub.get("cancel_at_period_end"))
+            if plan is not None:
+                quantity = subscription_quantity(sub)
+                lic.plan = plan.id
+                lic.tier = plan.tier
+                lic.features = list(plan.features)
+                lic.grace_days = plan.grace_days
+                lic.max_machines = plan.max_machines * quantity
+                lic.stripe_price_id = _id_of(subscription_price(sub)) or lic.stripe_price_id
+        period_end = subscription_period_end(sub)
+        if period_end is not None and status in ("active", "trialing"):
+            self._extend(lic, period_end)
+        if status in TERMINAL:
+            ended = sub.get("ended_at") or sub.get("canceled_at") or int(event["created"])
+            lic.paid_through = int(ended) if lic.paid_through is None else min(lic.paid_through, int(ended))
+            lic.ended_at = int(ended)
+        if created:
+            return True
+        if licensing.key_claims(lic, "") != claims_before:
+            licensing.restamp_key(lic, self.services.ring, now)
+        return state_before != (
+            lic.subscription_status,
+            lic.paid_through,
+            lic.cancel_at_period_end,
+            lic.plan,
+        ) or (licensing.key_claims(lic, "") != claims_before)
+
+    def _set_status(self, lic: License, status: str, version: str) -> None:
+        """Last writer wins by event version; a final state is never left."""
+        if lic.subscription_status in TERMINAL:
+            return
+        if status in TERMINAL or version > lic.status_version:
+            lic.subscription_status = status
+            lic.status_version = max(version, lic.status_version)
+
+    def _extend(self, lic: License, period_end: int) -> None:
+        """Paid-through only grows, and never past the end of an ended subscription."""
+        if lic.ended_at is not None:
+            return
+        lic.paid_through = max(lic.paid_through or 0, period_end)
+
+    def _invoice_paid(self, event: dict[str, Any], prepared: Prepared, now: int) -> Outcome:
+        inv = event["data"]["object"]
+        sub_id = invoice_subscription(inv)
+        if not sub_id:
+            return Outcome("ignored", detail="not a subscription invoice")
+        if prepared.subscription is not None:
+            outcome = self._snapshot(prepared.subscription, prepared, _older(event), now)
+            if outcome.status == "ignored":
+                return outcome
+        lic = self.store.find_license("stripe_subscription_id", sub_id)
+        if lic is None:
+            return Outcome("ignored", detail="subscription is not for a licensed plan")
+        before = licensing.license_view(lic, 0)
+        claims_before = licensing.key_claims(lic, "")
+        period_end = invoice_period_end(inv)
+        if period_end is not None:
+            self._extend(lic, period_end)
+        self._set_status(lic, "active", _version(event))
+        for ref in invoice_payment_ids(inv):
+            self._remember_payment(ref, lic.id)
+        if licensing.key_claims(lic, "") != claims_before:
+            licensing.restamp_key(lic, self.services.ring, now)
+        self.store.save_license(lic, now)
+        self.store.audit(now, "stripe", "license.renew", lic.id, before, licensing.license_view(lic, 0))
+        return Outcome("applied", lic.id, "renewed")
+
+    def _invoice_failed(self, event: dict[str, Any], prepared: Prepared, now: int) -> Outcome:
+        inv = event["data"]["object"]
+        sub_id = invoice_subscription(inv)
+        if not sub_id:
+            return Outcome("ignored", detail="not a subscription invoice")
+        if prepared.subscription is not None:
+            self._snapshot(prepared.subscription, prepared, _older(event), now)
+        lic = self.store.find_license("stripe_subscription_id", sub_id)
+        if lic is None:
+            return Outcome("ignored", detail="subscription is not for a licensed plan")
+        before = licensing.license_view(lic, 0)
+        self._set_status(lic, "past_due", _version(event))
+        self.store.save_license(lic, now)
+        self.store.audit(now, "stripe", "license.past_due", lic.id, before, licensing.license_view(lic, 0))
+        return Outcome("applied", lic.id, "past due")
+
+    def _charge_refunded(self, event: dict[str, Any], prepared: Prepared, now: int) -> Outcome:
+        charge = event["data"]["object"]
+        if prepared.license_id is None:
+            return Outcome("ignored", detail="charge paid for no licence")
+        lic = self.store.get_license(prepared.license_id)
+        if lic is None:
+            return Outcome("ignored", detail="licence gone")
+        amount = int(charge.get("amount") or 0)
+        refunded = int(charge.get("amount_refunded") or 0)
+        full = bool(charge.get("refunded")) or (amount > 0 and refunded >= amount)
+        plan = self.services.catalog.plans.get(lic.plan)
+        if not full and not (plan and plan.revoke_on_partial_refund and refunded > 0):
+            return Outcome("applied", lic.id, "partial refund: licence kept")
+        before = licensing.license_view(lic, 0)
+        if lic.status != "revoked":
+            lic.status = "revoked"
+            lic.status_reason = "refund"
+            self.store.save_license(lic, now)
+            self.store.audit(now, "stripe", "license.revoke", lic.id, before, licensing.license_view(lic, 0))
+        return Outcome("applied", lic.id, "revoked by refund")
+
+    def _dispute(self, event: dict[str, Any], prepared: Prepared, now: int) -> Outcome:
+        dispute = event["data"]["object"]
+        if prepared.license_id is None:
+            return Outcome("ignored", detail="disputed charge paid for no licence")
+        lic = self.store.get_license(prepared.license_id)
+        if lic is None:
+            return Outcome("ignored", detail="licence gone")
+        version = _version(event)
+        status = str(dispute.get("status") or "")
+        row = self.store.one("SELECT status, version FROM disputes WHERE id = ?", (dispute["id"],))
+        if row is None:
+            self.store.execute(
+                "INSERT INTO disputes (id, license_id, status, version) VALUES (?, ?, ?, ?)",
+                (dispute["id"], lic.id, status, version),
+            )
+        elif row["status"] not in DISPUTE_CLOSED and (status in DISPUTE_CLOSED or version > row["version"]):
+            self.store.execute(
+                "UPDATE disputes SET status = ?, version = ? WHERE id = ?", (status, version, dispute["id"])
+            )
+        before = licensing.license_view(lic, 0)
+        self._settle_disputes(lic)
+        self.store.save_license(lic, now)
+        self.store.audit(
+            now,
+            "stripe",
+            f"license.dispute.{status or 'unknown'}",
+            lic.id,
+            before,
+            licensing.license_view(lic, 0),
+        )
+        return Outcome("applied", lic.id, f"dispute {status}")
+
+    def _settle_disputes(self, lic: License) -> None:
+        """Derive the licence status from its disputes: lost revokes, open suspends."""
+        statuses = [
+            str(r[0]) for r in self.store.all("SELECT status FROM disputes WHERE license_id = ?", (lic.id,))
+        ]
+        if lic.status == "revoked":
+            return
+        if "lost" in statuses:
+            lic.status, lic.status_reason = "revoked", "dispute_lost"
+        elif any(s not in DISPUTE_CLOSED for s in statuses):
+            if lic.status == "active":
+                lic.status, lic.status_reason = "suspended", "dispute"
+        elif lic.status == "suspended" and lic.status_reason == "dispute":
+            lic.status, lic.status_reason = "active", None
+
+
+def _older(event: dict[str, Any]) -> dict[str, Any]:
+    """A fetched subscription is as old as the event that made us fetch it, minus a tick."""
+    return {"id": "", "created": int(event["created"]) - 1, "type": "fetched"}
+
+
+# --- HTTP routes --------------------------------------------------------------------------------
+
+CHECKOUT_BODY = openapi.obj(
+    {"plan": openapi.string(1, 64), "email": openapi.string(3, 254, pattern=r"^[^@\s]+@[^@\s]+$")},
+    required=["plan"],
+)
+PORTAL_BODY = openapi.obj({"key": openapi.string(1, 8192)}, required=["key"])
+SESSION_ID = re.compile(r"^cs_[A-Za-z0-9_]{1,250}$")
+
+
+class StripeRoutes:
+    """The Stripe routes: checkout, the success page's poll, the webhook, the portal."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        config = services.config
+        self.gateway = (
+            StripeGateway(config.stripe_secret_key, config.stripe_api_base)
+            if config.stripe_secret_key
+            else None
+        )
+        self.processor = EventProcessor(services, self.gateway)
+
+    def routes(self) -> list[Route]:
+        return [
+            Route(
+                "POST",
+                "/api/checkout/session",
+                self.create_checkout,
+                "Start a Stripe Checkout for a plan",
+                tag="checkout",
+                body=CHECKOUT_BODY,
+                status=200,
+            ),
+            Route(
+                "GET",
+                "/api/checkout/session/{id}",
+                self.checkout_status,
+                "The licence a checkout produced, once it exists",
+                tag="checkout",
+            ),
+            Route(
+                "POST",
+                "/api/stripe/webhook",
+                self.webhook,
+                "Stripe events (signed)",
+                tag="stripe",
+                auth="stripe",
+            ),
+            Route(
+                "POST",
+                "/api/billing/portal",
+                self.portal,
+                "A Stripe billing portal session for a licence",
+                tag="checkout",
+                body=PORTAL_BODY,
+            ),
+        ]
+
+    def _gateway(self) -> StripeGateway:
+        if self.gateway is None:
+            raise StripeNotConfigured()
+        return self.gateway
+
+    def _website(self) -> str:
+        return self.services.config.website_url or self.services.config.app_base_url
+
+    def create_checkout(self, request: Request) -> Response:
+        gateway = self._gateway()
+        body = request.parsed
+        plan = self.services.catalog.plans.get(body["plan"])
+        if plan is None or not plan.public or not plan.stripe_price:
+            raise NotFound(f"no plan {body['plan']!r} on sale")
+        site = self._website()
+        params: dict[str, Any] = {
+            "mode": plan.mode,
+            "line_items": [{"price": plan.stripe_price, "quantity": 1}],
+            "success_url": f"{site}/checkout/success?session_id={{CHECKOUT_SESSION_ID}}",
+            "cancel_url": f"{site}/checkout/cancel?plan={plan.id}",
+            "metadata": {"plan": plan.id},
+        }
+        if plan.mode == "subscription":
+            params["subscription_data"] = {"metadata": {"plan": plan.id}}
+        else:
+            params["payment_intent_data"] = {"metadata": {"plan": plan.id}}
+            params["customer_creation"] = "always"
+        if body.get("email"):
+            params["customer_email"] = body["email"]
+        subject = getattr(request, "oidc_subject", None)
+        if subject:
+            params["client_reference_id"] = subject
+        given = request.header("Idempotency-Key")
+        key = (
+            f"checkout-{hashlib.sha256(given.encode()).hexdigest()[:32]}"
+            if given
+            else f"checkout-{uuid.uuid4()}"
+        )
+        session = gateway.post("/v1/checkout/sessions", idempotency_key=key, **params)
+        return Response({"id": session.get("id"), "url": session.get("url")})
+
+    def checkout_status(self, request: Request) -> Response:
+        session_id = request.params["id"]
+        if not SESSION_ID.match(session_id):
+            raise NotFound("no such checkout session")
+        lic = self.services.store.find_license("stripe_checkout_session_id", session_id)
+        if lic is None:
+            return Response({"status": "pending"})
+        view = licensing.license_view(lic, self.services.store.count_machines(lic.id))
+        view["key"] = licensing.license_key(
+            lic, self.services.catalog, self.services.ring, self.services.config.app_base_url
+        )
+        return Response({"status": "complete", "license": view})
+
+    def webhook(self, request: Request) -> Response:
+        secrets = self.services.config.stripe_webhook_secrets
+        if not secrets:
+            raise StripeNotConfigured("no webhook secret is configured")
+        raw = request.body()
+        verify_signature(raw, request.header("Stripe-Signature"), secrets, self.services.now())
+        event = parse_event(raw)
+        self.processor.process(event, self.services.now())
+        return Response({"received": True})
+
+    def portal(self, request: Request) -> Response:
+        gateway = self._gateway()
+        services = self.services
+        try:
+            parsed = keys.parse_license_key(request.parsed["key"], services.catalog, services.ring)
+        except LicensedError as err:
+            raise Unauthorized("the key is not valid", code="INVALID_KEY") from err
+        lic = services.store.get_license(parsed.claims["sub"])
+        if lic is None:
+            raise Unauthorized("the key is not valid", code="INVALID_KEY")
+        if not lic.stripe_customer_id:
+            raise Conflict("this licence was not bought through Stripe", code="NO_STRIPE_CUSTOMER")
+        session = gateway.post(
+            "/v1/billing_portal/sessions", customer=lic.stripe_customer_id, return_url=self._website()
+        )
+        return Response({"url": session.get("url")})
+
+
+def parse_event(raw: bytes) -> dict[str, Any]:
+    """A verified body must still be a well-formed event envelope."""
+    try:
+        event = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise BadRequest("the event is not JSON", code="INVALID_JSON") from err
+    if not isinstance(event, dict):
+        raise ValidationFailed("the event must be an object")
+    if not (isinstance(event.get("id"), str) and event["id"].startswith("evt_") and len(event["id"]) <= 255):
+        raise ValidationFailed("the event has no id")
+    if not isinstance(event.get("type"), str) or not isinstance(event.get("created"), int):
+        raise ValidationFailed("the event has no type or created time")
+    data = event.get("data")
+    if not isinstance(data, dict) or not isinstance(data.get("object"), dict):
+        raise ValidationFailed("the event has no data.object")
+    if not isinstance(data["object"].get("id"), str):
+        raise ValidationFailed("the event's object has no id")
+    return event
+
+
+def routes(services: Services) -> list[Route]:
+    return StripeRoutes(services).routes()
