@@ -502,6 +502,10 @@ class EventProcessor:
                 if lic is None:
                     raise NoLicenseYet(f"the subscription {sub_id} of this payment has no licence yet")
                 return lic.id
+        if self.gateway is None:
+            # Without Stripe the payment cannot be traced: fail, so Stripe retries
+            # once the invoice that links it to a licence has arrived.
+            raise NoLicenseYet("no licence is known for this payment yet")
         return None
 
     # --- application (inside the transaction) ---
@@ -660,7 +664,7 @@ class EventProcessor:
             self._extend(lic, period_end)
         if status in TERMINAL:
             ended = sub.get("ended_at") or sub.get("canceled_at") or int(event["created"])
-            lic.paid_through = int(ended) if lic.paid_through is None else min(lic.paid_through, int(ended))
+            lic.paid_through = int(ended)
             lic.ended_at = int(ended)
         if created:
             return True

@@ -179,22 +179,40 @@ class Live:
         return row
 
 
-def start_server(services: Services) -> tuple[Any, threading.Thread, str]:
+@dataclass
+class RunningServer:
+    """A waitress server looping in a thread until ``stop()``; closed by its own thread."""
+
+    server: Any
+    thread: threading.Thread
+    halt: threading.Event
+    url: str
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.thread.join(timeout=10)
+
+
+def start_server(services: Services) -> RunningServer:
     config = replace(services.config, host="127.0.0.1", port=0, threads=8)
     server = licensed.create_server(licensed.App(services), config)
-    thread = threading.Thread(target=server.run, name="waitress", daemon=True)
+    halt = threading.Event()
+
+    def loop() -> None:
+        try:
+            while not halt.is_set():
+                server.asyncore.loop(timeout=0.02, map=server._map, count=1)
+        finally:
+            server.close()
+
+    thread = threading.Thread(target=loop, name="waitress", daemon=True)
     thread.start()
-    return server, thread, f"http://127.0.0.1:{server.effective_port}"
-
-
-def stop_server(server: Any, thread: threading.Thread) -> None:
-    server.close()
-    thread.join(timeout=5)
+    return RunningServer(server, thread, halt, f"http://127.0.0.1:{server.effective_port}")
 
 
 @pytest.fixture
 def live(services: Services, clock: FrozenClock) -> Iterator[Live]:
-    server, thread, url = start_server(services)
+    running = start_server(services)
     with requests.Session() as http:
-        yield Live(url=url, services=services, clock=clock, http=http)
-    stop_server(server, thread)
+        yield Live(url=running.url, services=services, clock=clock, http=http)
+    running.stop()
