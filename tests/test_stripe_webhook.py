@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 import requests
+import stripe_events as se
+from conftest import DAY, T0, Live
 
 import licensing
-import stripe_events as se
 from config import Config
-from conftest import DAY, T0, Live
 
 SUB_PRICE = "price_pro_monthly"
 
@@ -394,6 +394,7 @@ def test_partial_refund_keeps_the_license(live: Live) -> None:
     charge = se.charge(charge_id="ch_part", payment_intent="pi_refund_part", refunded_amount=500)
     assert deliver(live, se.event("charge.refunded", charge, created=T0 + 2)).status_code == 200
     assert validate(live, key)["code"] == "VALID"
+    assert live.license(license_id).status == "active"
 
 
 @pytest.mark.parametrize(
