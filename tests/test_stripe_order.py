@@ -11,14 +11,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import stripe_events as se
+from conftest import DAY, T0, TEST_PLANS, FrozenClock
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import licensed
-import stripe_events as se
 import stripe_sync
 from config import Config
-from conftest import DAY, T0, TEST_PLANS, FrozenClock
 from errors import LicensedError
 
 SUB = "sub_lifecycle"
@@ -55,15 +55,32 @@ def lifecycle(ends: bool = True) -> list[dict[str, Any]]:
         dispute(450, "charge.dispute.created", "needs_response"),
         se.event("charge.refunded", refund, 460, event_id="evt_460"),
         dispute(500, "charge.dispute.closed", "won"),
-        sub(600, "deleted", price="price_team_monthly", quantity=2, status="canceled", period_end=P2,
-            ended_at=P2, cancel_at_period_end=True),
+        sub(
+            600,
+            "deleted",
+            price="price_team_monthly",
+            quantity=2,
+            status="canceled",
+            period_end=P2,
+            ended_at=P2,
+            cancel_at_period_end=True,
+        ),
     ]
     return events if ends else events[:-1]
 
 
 STATE_FIELDS = (
-    "status", "status_reason", "subscription_status", "paid_through", "plan", "tier", "features",
-    "max_machines", "cancel_at_period_end", "ended_at", "grace_days",
+    "status",
+    "status_reason",
+    "subscription_status",
+    "paid_through",
+    "plan",
+    "tier",
+    "features",
+    "max_machines",
+    "cancel_at_period_end",
+    "ended_at",
+    "grace_days",
 )
 
 
@@ -122,7 +139,7 @@ def test_in_order_state_is_what_the_lifecycle_means() -> None:
         "applied_events": 11,
     }
     living = dict(IN_ORDER, subscription_status="active", ended_at=None, applied_events=10)
-    assert IN_ORDER_LIVING == living
+    assert living == IN_ORDER_LIVING
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
