@@ -26,6 +26,10 @@ import stripe
 import stripe_events as se
 from conftest import TEST_PLANS
 
+import licensed
+import licensing
+from config import Config
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 WEBHOOK_SECRET = "whsec_e2e_secret"
@@ -177,24 +181,14 @@ def _health(url: str) -> bool:
 
 
 def key_for(served: Served, license_id: str) -> str:
-    """The key as the buyer gets it: the checkout success page shows it once linked,
-    here we derive it the same way from the server's own files."""
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import sys, licensed, licensing; from config import Config;"
-            "s = licensed.build_services(Config(data_dir=__import__('pathlib').Path(sys.argv[1])));"
-            "print(licensing.license_key(s.store.get_license(sys.argv[2]), s.catalog, s.ring, s.config.app_base_url))",
-            str(served.db.parent),
-            license_id,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return out.stdout.strip()
+    """The key as mailed to the buyer, derived from the server's own data dir."""
+    services = licensed.build_services(Config(data_dir=served.db.parent))
+    try:
+        lic = services.store.get_license(license_id)
+        assert lic is not None
+        return licensing.license_key(lic, services.catalog, services.ring, services.config.app_base_url)
+    finally:
+        services.store.close()
 
 
 def test_subscription_created_then_cancelled(emulator: Emulator, served: Served) -> None:
