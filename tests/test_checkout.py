@@ -1,0 +1,111 @@
+"""Checkout and billing portal sessions, against a Stripe double over real HTTP."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Live
+from stripe_double import StripeDouble, stripe_double
+
+from config import Config
+
+
+@pytest.fixture
+def double() -> Iterator[StripeDouble]:
+    with stripe_double() as running:
+        yield running
+
+
+@pytest.fixture
+def config(data_dir: Path, double: StripeDouble) -> Config:
+    return Config(
+        data_dir=data_dir,
+        app_base_url="http://licensed.test",
+        website_url="https://shop.example.com",
+        stripe_secret_key="sk_test_double",
+        stripe_api_base=double.url,
+        stripe_webhook_secrets=("whsec_x",),
+    )
+
+
+@pytest.mark.parametrize(("plan", "mode"), [("pro-monthly", "subscription"), ("pro-year", "payment")])
+def test_checkout_session_is_created_with_the_plan(
+    live: Live, double: StripeDouble, plan: str, mode: str
+) -> None:
+    answer = live.post("/api/checkout/session", {"plan": plan, "email": "buyer@example.com"})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["id"].startswith("cs_test") and body["url"].startswith("https://checkout.stripe.test/")
+    [sent] = double.requests
+    assert sent.path == "/v1/checkout/sessions"
+    price = live.services.catalog.plans[plan].stripe_price
+    assert sent.form["mode"] == mode
+    assert sent.form["line_items[0][price]"] == price
+    assert sent.form["line_items[0][quantity]"] == "1"
+    assert (
+        sent.form["success_url"]
+        == "https://shop.example.com/checkout/success?session_id={CHECKOUT_SESSION_ID}"
+    )
+    assert sent.form["cancel_url"].startswith("https://shop.example.com/checkout/cancel")
+    assert sent.form["metadata[plan]"] == plan
+    assert sent.form["customer_email"] == "buyer@example.com"
+    assert sent.headers["Idempotency-Key"].startswith("checkout-")
+    assert sent.headers["Authorization"] == "Bearer sk_test_double"
+    if mode == "subscription":
+        assert sent.form["subscription_data[metadata][plan]"] == plan
+
+
+def test_client_idempotency_key_is_passed_on(live: Live, double: StripeDouble) -> None:
+    for _ in range(2):
+        live.post("/api/checkout/session", {"plan": "pro-monthly"}, headers={"Idempotency-Key": "click-1"})
+    live.post("/api/checkout/session", {"plan": "pro-monthly"}, headers={"Idempotency-Key": "click-2"})
+    keys = [r.headers["Idempotency-Key"] for r in double.requests]
+    assert keys[0] == keys[1] != keys[2]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"plan": "nope"}, 404, "NOT_FOUND"),
+        ({"plan": "lifetime"}, 404, "NOT_FOUND"),  # not public
+        ({"plan": 5}, 400, "VALIDATION_ERROR"),
+        ({}, 400, "VALIDATION_ERROR"),
+        ({"plan": "pro-monthly", "email": "not an email"}, 400, "VALIDATION_ERROR"),
+    ],
+)
+def test_checkout_bad_input(
+    live: Live, double: StripeDouble, body: dict[str, object], status: int, code: str
+) -> None:
+    answer = live.post("/api/checkout/session", body)
+    assert answer.status_code == status
+    assert answer.json()["error"]["code"] == code
+    assert double.requests == []
+
+
+def test_stripe_failure_is_503_not_500(live: Live, double: StripeDouble) -> None:
+    double.fail_with = 500
+    answer = live.post("/api/checkout/session", {"plan": "pro-monthly"})
+    assert answer.status_code == 503
+    assert answer.json()["error"]["code"] == "STRIPE_UNAVAILABLE"
+
+
+def test_billing_portal_for_a_stripe_license(live: Live, double: StripeDouble) -> None:
+    lic = live.issue_license("pro-monthly", days=30)
+    lic.stripe_customer_id = "cus_portal"
+    live.services.store.save_license(lic, live.services.now())
+    answer = live.post("/api/billing/portal", {"key": live.key_of(lic)})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["url"].startswith("https://billing.stripe.test/")
+    [sent] = double.requests
+    assert sent.form == {"customer": "cus_portal", "return_url": "https://shop.example.com"}
+
+
+def test_billing_portal_refuses_bad_keys_and_manual_licenses(live: Live, double: StripeDouble) -> None:
+    answer = live.post("/api/billing/portal", {"key": "DC-PRO-eyJhbGciOiJub25lIn0.e30."})
+    assert (answer.status_code, answer.json()["error"]["code"]) == (401, "INVALID_KEY")
+    manual = live.issue("pro-monthly", days=30)
+    answer = live.post("/api/billing/portal", {"key": manual})
+    assert (answer.status_code, answer.json()["error"]["code"]) == (409, "NO_STRIPE_CUSTOMER")
+    assert double.requests == []
