@@ -233,7 +233,8 @@ class App:
 
     def health(self, request: Request) -> Response:
         now = self.services.now()
-        self.services.store.check_writable(now)
+        store = self.services.store
+        store.check_writable(now)
         return Response(
             {
                 "status": "ok",
@@ -241,6 +242,9 @@ class App:
                 "schema_version": self.services.store.schema_version(),
                 "time": licensing.iso(now),
                 "signing_kid": self.services.ring.current.kid,
+                "last_reconcile_at": licensing.iso(
+                    _int_or_none(store.get_setting(stripe_sync.LAST_SUCCESS_KEY))
+                ),
             }
         )
 
@@ -294,6 +298,10 @@ class App:
 
     def openapi(self, request: Request) -> Response:
         return Response(self._openapi, headers=[("Cache-Control", "public, max-age=300")])
+
+
+def _int_or_none(value: str | None) -> int | None:
+    return int(value) if value and value.isdigit() else None
 
 
 def _request_id(environ: dict[str, Any]) -> str:
@@ -438,6 +446,14 @@ def _parser() -> argparse.ArgumentParser:
     keys_cmd.add_parser("list", help="list signing keys")
     keys_cmd.add_parser("rotate", help="add a new signing key; it signs from now on")
 
+    reconcile = commands.add_parser("reconcile", help="repair licences from Stripe (for cron)")
+    reconcile.add_argument("--full", action="store_true", help="walk every subscription, not just events")
+    reconcile.add_argument("--since", type=_timestamp, help="list events from this time (epoch or ISO 8601)")
+    stripe_cmd = commands.add_parser("stripe", help="Stripe set-up").add_subparsers(
+        dest="stripe_command", required=True
+    )
+    stripe_cmd.add_parser("setup", help="create or update the webhook endpoint; prints its secret once")
+
     admin = commands.add_parser("admin", help="support verbs, straight on the database")
     admin_cmd = admin.add_subparsers(dest="admin_command", required=True)
     issue = admin_cmd.add_parser("issue", help="issue a license by hand and print its key")
@@ -491,6 +507,50 @@ def _cmd_admin(config: Config, args: argparse.Namespace, out: Callable[[str], No
         services.store.close()
 
 
+def _timestamp(value: str) -> int:
+    if value.isdigit():
+        return int(value)
+    try:
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither epoch seconds nor ISO 8601") from err
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.UTC)
+    return int(parsed.timestamp())
+
+
+def _stripe_gateway(config: Config) -> stripe_sync.StripeGateway:
+    if not config.stripe_secret_key:
+        raise ConfigError("STRIPE_SECRET_KEY is not set")
+    return stripe_sync.StripeGateway(config.stripe_secret_key, config.stripe_api_base)
+
+
+def _cmd_reconcile(config: Config, args: argparse.Namespace, out: Callable[[str], None]) -> int:
+    gateway = _stripe_gateway(config)
+    services = build_services(config)
+    try:
+        reconciler = stripe_sync.Reconciler(services, gateway)
+        now = services.now()
+        report = reconciler.full(now) if args.full else reconciler.events(now, since=args.since)
+        out(report.line())
+        for failure in report.failures[:20]:
+            out(f"failed: {failure}")
+        return 1 if report.failed else 0
+    finally:
+        services.store.close()
+
+
+def _cmd_stripe(config: Config, args: argparse.Namespace, out: Callable[[str], None]) -> None:
+    endpoint_id, secret, created = stripe_sync.setup_webhook_endpoint(
+        _stripe_gateway(config), config.app_base_url
+    )
+    if created:
+        out(f"created webhook endpoint {endpoint_id} for {config.app_base_url}/api/stripe/webhook")
+        out(f"STRIPE_WEBHOOK_SECRET={secret}")
+    else:
+        out(f"updated webhook endpoint {endpoint_id}; its signing secret is unchanged")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     out = print
@@ -504,6 +564,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 out(line)
         elif args.command == "keys":
             _cmd_keys(config, args, out)
+        elif args.command == "reconcile":
+            return _cmd_reconcile(config, args, out)
+        elif args.command == "stripe":
+            _cmd_stripe(config, args, out)
         elif args.command == "admin":
             _cmd_admin(config, args, out)
         return 0

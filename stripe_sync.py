@@ -15,13 +15,16 @@ so a slow Stripe never holds the database lock.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import json
 import logging
 import re
+import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +81,10 @@ HANDLED_EVENTS = (
 class WebhookSignatureError(BadRequest):
     code = "INVALID_SIGNATURE"
     default_message = "the Stripe-Signature header does not verify"
+
+
+class StripeRateLimited(StripeUnavailable):
+    code = "STRIPE_RATE_LIMITED"
 
 
 class WebhookFailed(LicensedError):
@@ -138,7 +145,11 @@ class StripeGateway:
     anything else StripeUnavailable.
     """
 
-    def __init__(self, secret_key: str, api_base: str | None = None) -> None:
+    RATE_LIMIT_TRIES = 5
+
+    def __init__(
+        self, secret_key: str, api_base: str | None = None, sleep: Callable[[float], None] = time.sleep
+    ) -> None:
         http = stripe.new_default_http_client(timeout=STRIPE_TIMEOUT)
         bases: Any = {"api": api_base} if api_base else None
         self.client = stripe.StripeClient(
@@ -148,11 +159,25 @@ class StripeGateway:
             http_client=http,
         )
         self.calls = 0
+        self.sleep = sleep
 
     def request(self, method: str, path: str, **params: Any) -> dict[str, Any]:
+        """One API call; a rate limit (429) is waited out with exponential backoff."""
+        for attempt in range(self.RATE_LIMIT_TRIES):
+            try:
+                return self._request_once(method, path, **params)
+            except StripeRateLimited:
+                if attempt == self.RATE_LIMIT_TRIES - 1:
+                    raise
+                self.sleep(min(8.0, 0.5 * 2**attempt))
+        raise AssertionError("unreachable")
+
+    def _request_once(self, method: str, path: str, **params: Any) -> dict[str, Any]:
         self.calls += 1
         try:
             response = self.client.raw_request(method, path, **params)
+        except stripe.RateLimitError as err:
+            raise StripeRateLimited("Stripe rate limit") from err
         except stripe.InvalidRequestError as err:
             if err.http_status == 404:
                 raise NotFound(f"Stripe has no {path}") from err
@@ -319,6 +344,37 @@ class EventProcessor:
             except LicensedError:
                 log.error("could not record failed event", extra={"event_id": event_id})
             raise WebhookFailed(f"event {event_id} failed: {message}") from err
+
+    def replay(self, event_id: str, now: int) -> Outcome:
+        """Apply a recorded event again: fetched afresh from Stripe when it is configured."""
+        if self.gateway is not None:
+            event = self.gateway.get(f"/v1/events/{event_id}")
+        else:
+            row = self.store.one("SELECT payload FROM stripe_events WHERE id = ?", (event_id,))
+            if row is None:
+                raise NotFound(f"no event {event_id}")
+            event = json.loads(row[0])
+        self.store.execute(
+            "UPDATE stripe_events SET status = 'failed' WHERE id = ? AND status = 'ignored'", (event_id,)
+        )
+        return self.process(event, now)
+
+    def repair_subscription(self, sub: dict[str, Any], now: int) -> Outcome:
+        """Make the licence match a subscription as Stripe has it now."""
+        prepared = Prepared(plan=self._plan_for_subscription(sub))
+        if not self.store.find_license("stripe_subscription_id", sub["id"]):
+            prepared.customer = self._customer(sub.get("customer"))
+        with self.store.atomic():
+            return self._snapshot(sub, prepared, _as_of(now), now)
+
+    def repair_checkout(self, session: dict[str, Any], now: int) -> Outcome:
+        """Create the licence of a completed one-time checkout if it is missing."""
+        if self.store.find_license("stripe_checkout_session_id", session["id"]):
+            return Outcome("applied", detail="no change")
+        prepared = Prepared(plan=self._plan_for_session(session, None))
+        event = dict(_as_of(int(session.get("created") or now)), data={"object": session})
+        with self.store.atomic():
+            return self._checkout_completed(event, prepared, now)
 
     def _done(self, event_id: str) -> bool:
         row = self.store.one("SELECT status FROM stripe_events WHERE id = ?", (event_id,))
@@ -802,9 +858,171 @@ class EventProcessor:
             lic.status, lic.status_reason = "active", None
 
 
+def _as_of(now: int) -> dict[str, Any]:
+    """A pseudo event for state read from Stripe at ``now``: newer than anything before."""
+    return {"id": "reconcile", "created": now, "type": "reconcile"}
+
+
 def _older(event: dict[str, Any]) -> dict[str, Any]:
     """A fetched subscription is as old as the event that made us fetch it, minus a tick."""
     return {"id": "", "created": int(event["created"]) - 1, "type": "fetched"}
+
+
+# --- repair: replay, reconcile, endpoint setup -------------------------------------------
+
+RECONCILE_OVERLAP = 600
+"""Seconds re-listed before the cursor: Stripe can list an event a little after its ``created``."""
+CURSOR_KEY = "reconcile.cursor"
+LAST_SUCCESS_KEY = "reconcile.last_success_at"
+
+
+class ReconcileBusy(LicensedError):
+    status = 409
+    code = "RECONCILE_RUNNING"
+    default_message = "another reconcile is running"
+
+
+@dataclass
+class ReconcileReport:
+    mode: str
+    checked: int = 0
+    applied: int = 0
+    repaired: int = 0
+    duplicates: int = 0
+    ignored: int = 0
+    failed: int = 0
+    cursor: int | None = None
+    calls: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        parts = [
+            f"reconcile {self.mode}: checked {self.checked}",
+            f"applied {self.applied}",
+            f"repaired {self.repaired}",
+            f"duplicates {self.duplicates}",
+            f"ignored {self.ignored}",
+            f"failed {self.failed}",
+            f"stripe calls {self.calls}",
+        ]
+        if self.cursor is not None:
+            parts.append(f"cursor {licensing.iso(self.cursor)}")
+        return ", ".join(parts)
+
+
+class Reconciler:
+    """Brings licences in line with Stripe when webhooks were lost. One run at a time."""
+
+    def __init__(self, services: Services, gateway: StripeGateway) -> None:
+        self.services = services
+        self.gateway = gateway
+        self.processor = EventProcessor(services, gateway)
+        self.lock_path = services.config.data_dir / "reconcile.lock"
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        handle = open(self.lock_path, "a+b")  # noqa: SIM115 - held for the whole run
+        try:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as err:
+                raise ReconcileBusy() from err
+            yield
+        finally:
+            handle.close()
+
+    def events(self, now: int, since: int | None = None) -> ReconcileReport:
+        """Apply every event listed since the cursor (minus an overlap), oldest first.
+
+        The cursor moves only when every listed event was applied; a Stripe
+        failure while listing raises before anything moves.
+        """
+        with self._exclusive():
+            store = self.services.store
+            report = ReconcileReport("events")
+            calls_before = self.gateway.calls
+            cursor = since if since is not None else int(store.get_setting(CURSOR_KEY) or 0)
+            start = max(0, cursor - RECONCILE_OVERLAP)
+            events = list(self.gateway.list_all("/v1/events", **{"created[gte]": start}))
+            events.sort(key=lambda e: (int(e["created"]), str(e["id"])))
+            newest = cursor
+            oldest_failed: int | None = None
+            for event in events:
+                report.checked += 1
+                try:
+                    outcome = self.processor.process(event, now)
+                except WebhookFailed as err:
+                    report.failed += 1
+                    report.failures.append(err.message)
+                    created = int(event["created"])
+                    oldest_failed = created if oldest_failed is None else min(oldest_failed, created)
+                    continue
+                self._count(report, outcome)
+                newest = max(newest, int(event["created"]))
+            report.cursor = newest if oldest_failed is None else min(newest, oldest_failed)
+            with store.atomic():
+                store.put_setting(CURSOR_KEY, str(report.cursor), now)
+                if not report.failed:
+                    store.put_setting(LAST_SUCCESS_KEY, str(now), now)
+            report.calls = self.gateway.calls - calls_before
+            return report
+
+    def full(self, now: int, window_days: int = 90) -> ReconcileReport:
+        """Walk every subscription and recent completed checkout, repairing licences.
+
+        For when the events are gone (Stripe lists 30 days of them).
+        """
+        with self._exclusive():
+            report = ReconcileReport("full")
+            calls_before = self.gateway.calls
+            for sub in self.gateway.list_all("/v1/subscriptions", status="all"):
+                report.checked += 1
+                self._count(report, self.processor.repair_subscription(sub, now))
+            try:
+                sessions = list(
+                    self.gateway.list_all(
+                        "/v1/checkout/sessions",
+                        status="complete",
+                        **{"created[gte]": now - window_days * 86400},
+                    )
+                )
+            except NotFound:
+                sessions = []
+                log.warning("this Stripe API lists no checkout sessions; one-time purchases not checked")
+            for session in sessions:
+                if session.get("mode") != "payment":
+                    continue
+                report.checked += 1
+                self._count(report, self.processor.repair_checkout(session, now))
+            with self.services.store.atomic():
+                self.services.store.put_setting(LAST_SUCCESS_KEY, str(now), now)
+            report.calls = self.gateway.calls - calls_before
+            return report
+
+    @staticmethod
+    def _count(report: ReconcileReport, outcome: Outcome) -> None:
+        if outcome.status == "duplicate":
+            report.duplicates += 1
+        elif outcome.status == "ignored":
+            report.ignored += 1
+        elif outcome.detail.startswith("no change"):
+            report.applied += 1
+        else:
+            report.applied += 1
+            report.repaired += 1
+
+
+def setup_webhook_endpoint(gateway: StripeGateway, base_url: str) -> tuple[str, str | None, bool]:
+    """Create or update the endpoint at ``base_url``; returns (id, secret or None, created)."""
+    url = f"{base_url}/api/stripe/webhook"
+    for endpoint in gateway.list_all("/v1/webhook_endpoints"):
+        if endpoint.get("url") == url:
+            gateway.post(f"/v1/webhook_endpoints/{endpoint['id']}", enabled_events=list(HANDLED_EVENTS))
+            return str(endpoint["id"]), None, False
+    created = gateway.post(
+        "/v1/webhook_endpoints", url=url, enabled_events=list(HANDLED_EVENTS), description="licensed"
+    )
+    return str(created["id"]), created.get("secret"), True
 
 
 # --- HTTP routes --------------------------------------------------------------------------------
