@@ -178,11 +178,13 @@ class StripeGateway:
             response = self.client.raw_request(method, path, **params)
         except stripe.RateLimitError as err:
             raise StripeRateLimited("Stripe rate limit") from err
-        except stripe.InvalidRequestError as err:
+        except stripe.StripeError as err:
             if err.http_status == 404:
                 raise NotFound(f"Stripe has no {path}") from err
-            raise StripeUnavailable(f"Stripe refused {method.upper()} {path}: {err.user_message}") from err
-        except stripe.StripeError as err:
+            if isinstance(err, stripe.InvalidRequestError):
+                raise StripeUnavailable(
+                    f"Stripe refused {method.upper()} {path}: {err.user_message}"
+                ) from err
             raise StripeUnavailable(f"Stripe call failed: {type(err).__name__}") from err
         data = response.data
         if not isinstance(data, dict):

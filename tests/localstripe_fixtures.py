@@ -115,6 +115,18 @@ class Served:
     url: str
     db: Path
     proc: subprocess.Popen[bytes]
+    env: dict[str, str]
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run ``licensed ARGS`` on this server's data dir and settings."""
+        return subprocess.run(
+            [sys.executable, "-m", "licensed", *args],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=5)
@@ -161,7 +173,7 @@ def served(tmp_path: Path, emulator: Emulator) -> Iterator[Served]:
     try:
         wait_for(lambda: _health(url), 20, "licensed to listen")
         emulator.hook(url + "/api/stripe/webhook")
-        yield Served(url, data / "licensed.sqlite3", proc)
+        yield Served(url, data / "licensed.sqlite3", proc, env)
     finally:
         emulator.hook(f"http://127.0.0.1:{free_port()}/gone")
         proc.terminate()

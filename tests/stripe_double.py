@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,11 +26,16 @@ class Recorded:
     headers: dict[str, str]
 
 
+GetHandler = Callable[[str, dict[str, str]], tuple[int, dict[str, Any]]]
+
+
 @dataclass
 class StripeDouble:
     url: str = ""
     requests: list[Recorded] = field(default_factory=list)
     fail_with: int | None = None
+    on_get: GetHandler | None = None
+    endpoints: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _respond(handler: BaseHTTPRequestHandler, status: int, body: dict[str, Any]) -> None:
@@ -44,6 +49,11 @@ def _respond(handler: BaseHTTPRequestHandler, status: int, body: dict[str, Any])
     handler.wfile.write(raw)
 
 
+def _listed(form: dict[str, str], name: str) -> list[str]:
+    """Form-encoded ``name[0]=a&name[1]=b`` back into a list."""
+    return [v for k, v in sorted(form.items()) if k.startswith(f"{name}[")]
+
+
 @contextmanager
 def stripe_double() -> Iterator[StripeDouble]:
     double = StripeDouble()
@@ -51,6 +61,17 @@ def stripe_double() -> Iterator[StripeDouble]:
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, format: str, *args: Any) -> None:
             pass
+
+        def do_GET(self) -> None:
+            parsed = urllib.parse.urlsplit(self.path)
+            query = dict(urllib.parse.parse_qsl(parsed.query))
+            double.requests.append(Recorded("GET", parsed.path, query, dict(self.headers.items())))
+            if parsed.path == "/v1/webhook_endpoints":
+                _respond(self, 200, {"object": "list", "data": double.endpoints, "has_more": False})
+            elif double.on_get is not None:
+                _respond(self, *double.on_get(parsed.path, query))
+            else:
+                _respond(self, 404, {"error": {"type": "invalid_request_error", "message": "no such route"}})
 
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
@@ -83,6 +104,24 @@ def stripe_double() -> Iterator[StripeDouble]:
                     url=f"https://billing.stripe.test/p/session/{se.uid('x')}",
                 )
                 _respond(self, 200, portal)
+            elif self.path == "/v1/webhook_endpoints":
+                endpoint = se.fixture("webhook_endpoint")
+                endpoint.update(
+                    id=se.uid("we"),
+                    url=form.get("url"),
+                    secret=f"whsec_{se.uid('s')}",
+                    enabled_events=_listed(form, "enabled_events"),
+                )
+                double.endpoints.append({k: v for k, v in endpoint.items() if k != "secret"})
+                _respond(self, 200, endpoint)
+            elif self.path.startswith("/v1/webhook_endpoints/"):
+                endpoint_id = self.path.rsplit("/", 1)[1]
+                for endpoint in double.endpoints:
+                    if endpoint["id"] == endpoint_id:
+                        endpoint["enabled_events"] = _listed(form, "enabled_events")
+                        _respond(self, 200, endpoint)
+                        return
+                _respond(self, 404, {"error": {"type": "invalid_request_error", "message": "no endpoint"}})
             else:
                 _respond(self, 404, {"error": {"type": "invalid_request_error", "message": "no such route"}})
 
