@@ -28,6 +28,7 @@ from typing import Any
 import keys
 import licensing
 import openapi
+import subscriptions
 from config import Config
 from errors import ConfigError, LicensedError
 from keys import KeyRing
@@ -129,7 +130,10 @@ class App:
 
     def routes(self) -> list[Route]:
         """The routing table: the core routes here, then each route module's rows."""
-        return [*self.core_routes()]
+        return [
+            *self.core_routes(),
+            *subscriptions.routes(self.services),
+        ]
 
     def core_routes(self) -> list[Route]:
         return [
