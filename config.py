@@ -187,11 +187,28 @@ class Config:
                     except ValueError as err:
                         raise ConfigError(f"{name}: {err}") from err
                     break
+        _check_oidc(kwargs)
         if kwargs.get("oidc_issuer") and not kwargs.get("oidc_jwks_url"):
             kwargs["oidc_jwks_url"] = kwargs["oidc_issuer"] + "/jwks"
         if bool(kwargs.get("smtp_url")) != bool(kwargs.get("mail_from")):
             raise ConfigError("SMTP_URL and MAIL_FROM go together: set both or neither")
         return cls(**kwargs)
+
+
+def _check_oidc(kwargs: Mapping[str, Any]) -> None:
+    """OIDC settings come as a whole: an issuer and the audience its tokens are for.
+
+    Without an audience any token the issuer signs for any other application
+    would be accepted, so a lone issuer is refused rather than silently weak.
+    """
+    if not kwargs.get("oidc_issuer"):
+        for name, attr in (("OIDC_AUDIENCE", "oidc_audience"), ("OIDC_JWKS_URL", "oidc_jwks_url")):
+            if kwargs.get(attr):
+                raise ConfigError(f"OIDC_ISSUER is required when {name} is set")
+    elif not kwargs.get("oidc_audience"):
+        raise ConfigError(
+            "OIDC_AUDIENCE is required when OIDC_ISSUER is set (the API resource the access tokens are for)"
+        )
 
 
 _LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$")

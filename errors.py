@@ -147,3 +147,28 @@ class ConfigError(LicensedError):
     """Bad configuration: stops start-up with one line naming the culprit."""
 
     code = "CONFIG_ERROR"
+
+
+# --- customer identity (OIDC) ---------------------------------------------------------
+
+
+class InvalidBearerToken(Unauthorized):
+    """An identity provider's access token that does not verify (RFC 6750 ``invalid_token``)."""
+
+    code = "INVALID_TOKEN"
+    default_message = "the access token is not valid"
+
+    def headers(self) -> list[tuple[str, str]]:
+        return [("WWW-Authenticate", 'Bearer realm="licensed", error="invalid_token"')]
+
+
+class OidcNotConfigured(ServiceUnavailable):
+    code = "OIDC_NOT_CONFIGURED"
+    default_message = "sign-in with an identity provider is not configured on this server"
+
+
+class OidcUnavailable(ServiceUnavailable):
+    """The identity provider's keys (JWKS) cannot be fetched, so no token can be checked."""
+
+    code = "OIDC_UNAVAILABLE"
+    default_message = "the identity provider could not be reached"

@@ -29,6 +29,7 @@ import keys
 import licensing
 import openapi
 import stripe_sync
+import subscriptions
 from config import Config
 from errors import ConfigError, LicensedError
 from keys import KeyRing
@@ -130,7 +131,11 @@ class App:
 
     def routes(self) -> list[Route]:
         """The routing table: the core routes here, then each route module's rows."""
-        return [*self.core_routes(), *stripe_sync.routes(self.services)]
+        return [
+            *self.core_routes(),
+            *stripe_sync.routes(self.services),
+            *subscriptions.routes(self.services),
+        ]
 
     def core_routes(self) -> list[Route]:
         return [

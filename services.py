@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import auth
 import licensing
 from config import Config
 from keys import KeyRing
@@ -31,3 +33,8 @@ class Services:
         return licensing.Licensing(
             self.store, self.ring, self.catalog, self.config.app_base_url, self.config.lease_ttl_hours
         )
+
+    @functools.cached_property
+    def oidc(self) -> auth.OidcVerifier | None:
+        """The identity-provider token verifier: one per server, so its key cache is shared."""
+        return auth.OidcVerifier.from_config(self.config)

@@ -158,6 +158,21 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         );
         """,
     ),
+    (
+        "customer identities",
+        # A customer belongs to at most one identity-provider user (sub); one user
+        # may own several customers (an admin-issued licence and a Stripe purchase
+        # under the same e-mail are two customer rows).
+        """
+        CREATE TABLE customer_identities (
+            customer_id TEXT PRIMARY KEY REFERENCES customers (id) ON DELETE CASCADE,
+            oidc_sub TEXT NOT NULL,
+            via TEXT NOT NULL,
+            linked_at INTEGER NOT NULL
+        );
+        CREATE INDEX customer_identities_sub ON customer_identities (oidc_sub);
+        """,
+    ),
 )
 
 
@@ -530,6 +545,53 @@ class Store:
                 None if after is None else json.dumps(after, sort_keys=True),
             ),
         )
+
+    # --- customer identities (OIDC) ------------------------------------------------
+    # The link lives in customer_identities; customers.oidc_sub (written by
+    # upsert_customer) is honoured too, so either way of linking is found.
+
+    def customer_ids_for_sub(self, sub: str) -> list[str]:
+        rows = self.all(
+            "SELECT id FROM customers WHERE oidc_sub = ?"
+            " UNION SELECT customer_id FROM customer_identities WHERE oidc_sub = ?"
+            " ORDER BY 1",
+            (sub, sub),
+        )
+        return [str(r[0]) for r in rows]
+
+    def oidc_sub_of(self, customer_id: str) -> str | None:
+        row = self.one(
+            "SELECT COALESCE(i.oidc_sub, c.oidc_sub) FROM customers c"
+            " LEFT JOIN customer_identities i ON i.customer_id = c.id WHERE c.id = ?",
+            (customer_id,),
+        )
+        return None if row is None or row[0] is None else str(row[0])
+
+    def unlinked_customer_ids_by_email(self, email: str) -> list[str]:
+        """Customers with this e-mail (ASCII case-insensitive) that no identity owns yet."""
+        rows = self.all(
+            "SELECT c.id FROM customers c LEFT JOIN customer_identities i ON i.customer_id = c.id"
+            " WHERE c.email = ? COLLATE NOCASE AND c.oidc_sub IS NULL AND i.customer_id IS NULL"
+            " ORDER BY c.created_at, c.id",
+            (email,),
+        )
+        return [str(r[0]) for r in rows]
+
+    def insert_customer_identity(self, customer_id: str, sub: str, via: str, now: int) -> None:
+        self.execute(
+            "INSERT INTO customer_identities (customer_id, oidc_sub, via, linked_at) VALUES (?, ?, ?, ?)",
+            (customer_id, sub, via, now),
+        )
+
+    def licenses_of_customers(self, customer_ids: Sequence[str]) -> list[License]:
+        if not customer_ids:
+            return []
+        marks = ", ".join("?" for _ in customer_ids)
+        rows = self.all(
+            f"SELECT * FROM licenses WHERE customer_id IN ({marks}) ORDER BY created_at, id",
+            list(customer_ids),
+        )
+        return [License.from_row(r) for r in rows]
 
 
 def _statements(script: str) -> list[str]:

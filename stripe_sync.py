@@ -30,6 +30,7 @@ from typing import Any
 
 import stripe
 
+import auth
 import keys
 import licensing
 import openapi
@@ -642,11 +643,11 @@ class EventProcessor:
             (email, name, now, customer_id),
         )
         if oidc_sub and isinstance(oidc_sub, str) and len(oidc_sub) <= 255:
-            taken = self.store.one("SELECT id FROM customers WHERE oidc_sub = ?", (oidc_sub,))
-            if taken is None:
-                self.store.execute(
-                    "UPDATE customers SET oidc_sub = ? WHERE id = ? AND oidc_sub IS NULL",
-                    (oidc_sub, customer_id),
+            try:
+                auth.link_customer(self.store, customer_id, oidc_sub, now, via="checkout")
+            except Conflict:
+                log.warning(
+                    "checkout's sign-in is linked to another customer", extra={"customer": customer_id}
                 )
 
     def _remember_payment(self, ref: str, license_id: str) -> None:
@@ -1033,7 +1034,7 @@ CHECKOUT_BODY = openapi.obj(
     {"plan": openapi.string(1, 64), "email": openapi.string(3, 254, pattern=r"^[^@\s]+@[^@\s]+$")},
     required=["plan"],
 )
-PORTAL_BODY = openapi.obj({"key": openapi.string(1, 8192)}, required=["key"])
+PORTAL_BODY = openapi.obj({"key": openapi.string(1, 8192)})
 SESSION_ID = re.compile(r"^cs_[A-Za-z0-9_]{1,250}$")
 
 
@@ -1115,9 +1116,11 @@ class StripeRoutes:
             params["customer_creation"] = "always"
         if body.get("email"):
             params["customer_email"] = body["email"]
-        subject = getattr(request, "oidc_subject", None)
-        if subject:
-            params["client_reference_id"] = subject
+        identity = auth.optional_identity(self.services, request)
+        if identity is not None:
+            params["client_reference_id"] = identity.sub
+            if identity.verified_email and "customer_email" not in params:
+                params["customer_email"] = identity.verified_email
         given = request.header("Idempotency-Key")
         key = (
             f"checkout-{hashlib.sha256(given.encode()).hexdigest()[:32]}"
@@ -1151,20 +1154,30 @@ class StripeRoutes:
         return Response({"received": True})
 
     def portal(self, request: Request) -> Response:
+        """A portal session for the customer a licence key names, or a signed-in user's."""
         gateway = self._gateway()
         services = self.services
-        try:
-            parsed = keys.parse_license_key(request.parsed["key"], services.catalog, services.ring)
-        except LicensedError as err:
-            raise Unauthorized("the key is not valid", code="INVALID_KEY") from err
-        lic = services.store.get_license(parsed.claims["sub"])
-        if lic is None:
-            raise Unauthorized("the key is not valid", code="INVALID_KEY")
-        if not lic.stripe_customer_id:
+        key = request.parsed.get("key") if isinstance(request.parsed, dict) else None
+        if key:
+            try:
+                parsed = keys.parse_license_key(key, services.catalog, services.ring)
+            except LicensedError as err:
+                raise Unauthorized("the key is not valid", code="INVALID_KEY") from err
+            lic = services.store.get_license(parsed.claims["sub"])
+            if lic is None:
+                raise Unauthorized("the key is not valid", code="INVALID_KEY")
+            customer = lic.stripe_customer_id
+        else:
+            identity = auth.require_identity(services, request)
+            customer = None
+            for customer_id in auth.customers_of(services.store, identity, services.now()):
+                row = services.store.get_customer(customer_id)
+                if row is not None and row["stripe_customer_id"]:
+                    customer = str(row["stripe_customer_id"])
+                    break
+        if not customer:
             raise Conflict("this licence was not bought through Stripe", code="NO_STRIPE_CUSTOMER")
-        session = gateway.post(
-            "/v1/billing_portal/sessions", customer=lic.stripe_customer_id, return_url=self._website()
-        )
+        session = gateway.post("/v1/billing_portal/sessions", customer=customer, return_url=self._website())
         return Response({"url": session.get("url")})
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import Live
+from oidc_provider import AUDIENCE, Provider, ec_key
 from stripe_double import StripeDouble, stripe_double
 
 from config import Config
@@ -109,3 +111,67 @@ def test_billing_portal_refuses_bad_keys_and_manual_licenses(live: Live, double:
     answer = live.post("/api/billing/portal", {"key": manual})
     assert (answer.status_code, answer.json()["error"]["code"]) == (409, "NO_STRIPE_CUSTOMER")
     assert double.requests == []
+
+
+# --- signed-in buyers (OIDC bearer) ---------------------------------------------------------------
+
+
+@pytest.fixture
+def provider() -> Iterator[Provider]:
+    idp = Provider(ec_key("shop-es384"))
+    yield idp
+    idp.stop()
+
+
+@pytest.fixture
+def oidc_live(live: Live, provider: Provider) -> Live:
+    live.services.config = dataclasses.replace(
+        live.services.config,
+        oidc_issuer=provider.issuer,
+        oidc_audience=AUDIENCE,
+        oidc_jwks_url=provider.jwks_url,
+    )
+    live.services.__dict__.pop("oidc", None)  # built lazily from the config
+    return live
+
+
+def test_checkout_with_bearer_records_the_user(
+    oidc_live: Live, double: StripeDouble, provider: Provider
+) -> None:
+    token = provider.token(
+        oidc_live.services.now(), sub="user-42", email="u42@example.com", email_verified=True
+    )
+    answer = oidc_live.post(
+        "/api/checkout/session", {"plan": "pro-monthly"}, headers={"Authorization": f"Bearer {token}"}
+    )
+    assert answer.status_code == 200, answer.text
+    [sent] = double.requests
+    assert sent.form["client_reference_id"] == "user-42"
+    assert sent.form["customer_email"] == "u42@example.com"
+
+
+def test_checkout_with_a_bad_bearer_is_401(oidc_live: Live, double: StripeDouble) -> None:
+    answer = oidc_live.post(
+        "/api/checkout/session", {"plan": "pro-monthly"}, headers={"Authorization": "Bearer not.a.token"}
+    )
+    assert answer.status_code == 401
+    assert double.requests == []
+
+
+def test_billing_portal_for_a_signed_in_user(
+    oidc_live: Live, double: StripeDouble, provider: Provider
+) -> None:
+    lic = oidc_live.issue_license("pro-monthly", days=30, email="owner@example.com")
+    store = oidc_live.services.store
+    store.execute("UPDATE customers SET stripe_customer_id = 'cus_owner' WHERE id = ?", (lic.customer_id,))
+    token = provider.token(
+        oidc_live.services.now(), sub="owner", email="owner@example.com", email_verified=True
+    )
+    answer = oidc_live.post("/api/billing/portal", {}, headers={"Authorization": f"Bearer {token}"})
+    assert answer.status_code == 200, answer.text
+    assert double.requests[-1].form["customer"] == "cus_owner"
+    stranger = provider.token(oidc_live.services.now(), sub="stranger")
+    answer = oidc_live.post("/api/billing/portal", {}, headers={"Authorization": f"Bearer {stranger}"})
+    assert (answer.status_code, answer.json()["error"]["code"]) == (409, "NO_STRIPE_CUSTOMER")
+    answer = oidc_live.post("/api/billing/portal", {})
+    assert answer.status_code == 401
