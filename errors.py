@@ -147,3 +147,20 @@ class ConfigError(LicensedError):
     """Bad configuration: stops start-up with one line naming the culprit."""
 
     code = "CONFIG_ERROR"
+
+
+# --- mail ---------------------------------------------------------------------
+
+
+class InvalidEmail(ValidationFailed):
+    """An e-mail address or display name that is malformed or could inject headers."""
+
+    code = "INVALID_EMAIL"
+    default_message = "not a valid e-mail address"
+
+
+class MailUnavailable(ServiceUnavailable):
+    """The SMTP server cannot be reached, refuses TLS or refuses the login."""
+
+    code = "MAIL_UNAVAILABLE"
+    default_message = "the mail server could not be reached"
