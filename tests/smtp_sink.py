@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
@@ -64,7 +64,7 @@ class _Handler:
             return "421 4.4.2 closing"
         if reply is not None:
             return reply
-        message = cast(EmailMessage, message_from_bytes(envelope.content, policy=policy.default))
+        message = message_from_bytes(envelope.content, policy=policy.default)
         login = session.auth_data.login.decode() if isinstance(session.auth_data, LoginPassword) else None
         received = Received(
             mail_from=envelope.mail_from,

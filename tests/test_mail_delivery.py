@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from email.message import EmailMessage
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
@@ -76,6 +77,12 @@ def mail_row(services: Services, license_id: str) -> dict[str, object]:
     return dict(rows[0])
 
 
+def body(msg: EmailMessage, subtype: str) -> str:
+    part = msg.get_body((subtype,))
+    assert part is not None, f"no text/{subtype} part"
+    return str(part.get_content())
+
+
 def with_smtp(services: Services, url: str) -> Services:
     return replace(services, config=replace(services.config, smtp_url=url))
 
@@ -131,8 +138,7 @@ def test_the_key_arrives_and_validates(live: Live, sink: SmtpSink) -> None:
     assert msg.get_content_type() == "multipart/alternative"
     parts = [part.get_content_type() for part in msg.iter_parts()]
     assert parts == ["text/plain", "text/html"]
-    text = msg.get_body(("plain",)).get_content()  # type: ignore[union-attr]
-    body_html = msg.get_body(("html",)).get_content()  # type: ignore[union-attr]
+    text, body_html = body(msg, "plain"), body(msg, "html")
     keys = KEY.findall(text)
     assert len(keys) == 1 and keys[0] in body_html
     assert "DashCaddy Pro, monthly" in text and "https://shop.example" in text
@@ -476,7 +482,7 @@ def test_admin_issue_send_email_queues_the_key_mail(services: Services, sink: Sm
     assert "queued" in done.stderr
     flushed = licensed_cli(config, "mail", "flush")
     assert flushed.stdout.strip() == "sent 1, retried 0, failed 0"
-    text = sink.received[0].message.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    text = body(sink.received[0].message, "plain")
     assert KEY.findall(text) == [key]
     assert sink.received[0].rcpt_tos == ["cli@example.com"]
 
