@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from errors import ConfigError
+import mailer
+from errors import ConfigError, InvalidEmail
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -77,6 +78,15 @@ def _smtp_url(value: str) -> str:
     return value
 
 
+def _mail_from(value: str) -> str:
+    try:
+        return str(mailer.parse_mailbox(value))
+    except InvalidEmail as err:
+        raise ValueError(
+            f"must be an address, optionally with a name (Name <addr@host>): {err.message}"
+        ) from err
+
+
 def _log_level(value: str) -> str:
     level = value.strip().upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -107,7 +117,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ADMIN_TOKEN", "admin_token", _text),
     Setting("INTERNAL_API_KEY", "internal_api_key", _text),
     Setting("SMTP_URL", "smtp_url", _smtp_url),
-    Setting("MAIL_FROM", "mail_from", _text),
+    Setting("MAIL_FROM", "mail_from", _mail_from),
     Setting("OIDC_ISSUER", "oidc_issuer", _url),
     Setting("OIDC_AUDIENCE", "oidc_audience", _text),
     Setting("OIDC_JWKS_URL", "oidc_jwks_url", _url),

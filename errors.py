@@ -172,3 +172,20 @@ class OidcUnavailable(ServiceUnavailable):
 
     code = "OIDC_UNAVAILABLE"
     default_message = "the identity provider could not be reached"
+
+
+# --- mail ---------------------------------------------------------------------
+
+
+class InvalidEmail(ValidationFailed):
+    """An e-mail address or display name that is malformed or could inject headers."""
+
+    code = "INVALID_EMAIL"
+    default_message = "not a valid e-mail address"
+
+
+class MailUnavailable(ServiceUnavailable):
+    """The SMTP server cannot be reached, refuses TLS or refuses the login."""
+
+    code = "MAIL_UNAVAILABLE"
+    default_message = "the mail server could not be reached"

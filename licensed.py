@@ -27,6 +27,7 @@ from typing import Any
 
 import keys
 import licensing
+import mailer
 import openapi
 import stripe_sync
 import subscriptions
@@ -385,6 +386,7 @@ def init_data_dir(config: Config, now: int) -> list[str]:
         config.plans_path.parent.mkdir(parents=True, exist_ok=True)
         config.plans_path.write_text(EXAMPLE_PLANS, encoding="utf-8")
         done.append(f"wrote example plans to {config.plans_path}")
+    done += mailer.write_default_templates(config.data_dir)
     store = open_store(config.db_path, now)
     store.close()
     return done
@@ -425,12 +427,15 @@ def serve(config: Config) -> None:
         "listening",
         extra={"url": f"http://{config.host}:{server.effective_port}", "port": server.effective_port},
     )
+    sender = mailer.MailSender(services).start() if config.smtp_url else None
     try:
         server.run()
     except KeyboardInterrupt:
         pass
     finally:
         server.close()
+        if sender is not None:
+            sender.stop()
         services.store.close()
 
 
@@ -468,6 +473,12 @@ def _parser() -> argparse.ArgumentParser:
     lifetime.add_argument("--lifetime", action="store_true", help="never expires")
     lifetime.add_argument("--days", type=int, help="valid for this many days")
     issue.add_argument("--max-machines", type=int)
+    issue.add_argument("--send-email", action="store_true", help="queue the key mail to the buyer")
+
+    mail_cmd = commands.add_parser("mail", help="the outbox").add_subparsers(
+        dest="mail_command", required=True
+    )
+    mail_cmd.add_parser("flush", help="send the mail that is due now and print a summary")
     return parser
 
 
@@ -506,8 +517,11 @@ def _cmd_admin(config: Config, args: argparse.Namespace, out: Callable[[str], No
             days=args.days,
             lifetime=True if args.lifetime else None,
             max_machines=args.max_machines,
+            send_email=args.send_email,
         )
         out(licensing.license_key(lic, services.catalog, services.ring, config.app_base_url))
+        if args.send_email:
+            print(f"licensed: key mail queued for {args.email}", file=sys.stderr)
     finally:
         services.store.close()
 
@@ -556,6 +570,19 @@ def _cmd_stripe(config: Config, args: argparse.Namespace, out: Callable[[str], N
         out(f"updated webhook endpoint {endpoint_id}; its signing secret is unchanged")
 
 
+def _cmd_mail(config: Config, out: Callable[[str], None]) -> int:
+    services = build_services(config)
+    try:
+        summary = mailer.send_due(services, services.now(), connect_when_idle=True)
+    finally:
+        services.store.close()
+    out(summary.line())
+    if summary.error:
+        print(f"licensed: {summary.error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     out = print
@@ -575,6 +602,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _cmd_stripe(config, args, out)
         elif args.command == "admin":
             _cmd_admin(config, args, out)
+        elif args.command == "mail":
+            return _cmd_mail(config, out)
         return 0
     except LicensedError as err:
         print(f"licensed: {err.message}", file=sys.stderr)

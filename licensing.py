@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import keys
+import mailer
 from errors import InvalidToken, NotFound, ValidationFailed
 from keys import KeyRing
 from plans import Catalog, Plan
@@ -211,8 +212,16 @@ def issue_license(
     expires_at: int | None = None,
     max_machines: int | None = None,
     source: str = "admin",
+    send_email: bool = False,
+    name: str | None = None,
 ) -> License:
-    """Issue a licence by hand (admin, internal services); audited."""
+    """Issue a licence by hand (admin, internal services); audited.
+
+    With ``send_email`` the key mail is queued in the same transaction, so the
+    licence and its mail exist together or not at all.
+    """
+    email = mailer.check_address(email)
+    name = mailer.check_display_name(name)
     if days is not None and expires_at is not None:
         raise ValidationFailed("give days or an expiry, not both")
     paid_through = (
@@ -225,7 +234,7 @@ def issue_license(
     if paid_through is not None and lifetime:
         raise ValidationFailed("a lifetime licence has no expiry")
     with store.atomic():
-        customer_id = store.upsert_customer(now, email=email)
+        customer_id = store.upsert_customer(now, email=email, name=name)
         lic = new_license(
             plan=plan,
             customer_id=customer_id,
@@ -238,6 +247,8 @@ def issue_license(
         )
         store.insert_license(lic)
         store.audit(now, actor, "license.issue", lic.id, None, license_view(lic, 0))
+        if send_email:
+            mailer.queue_mail(store, lic.id, mailer.KIND_LICENSE_KEY, email, name, now)
     return lic
 
 
@@ -271,6 +282,10 @@ class Licensing:
         self.catalog = catalog
         self.issuer = issuer
         self.lease_ttl = lease_ttl_hours * 3600
+
+    def key(self, lic: License) -> str:
+        """The licence's current key, re-derived from its row."""
+        return license_key(lic, self.catalog, self.ring, self.issuer)
 
     def _load(self, req: LicenseRequest) -> tuple[License | None, dict[str, Any] | None]:
         """The licence a key names, or the outcome that stops the request."""

@@ -593,6 +593,91 @@ class Store:
         )
         return [License.from_row(r) for r in rows]
 
+    # --- mail sending (mailer.py) -------------------------------------------------
+    # A row is owned by the sender whose claim set its current ``attempts``: the
+    # retry and failure marks check it, so a sender whose lease ran out cannot
+    # overwrite the outcome of the one that took the row over.
+
+    _DUE_MAIL = (
+        "(status = 'pending' AND next_attempt_at <= ?)"
+        " OR (status = 'sending' AND claimed_until <= ? AND attempts < ?)"
+    )
+
+    def count_due_mail(self, now: int, max_attempts: int) -> int:
+        row = self.one(f"SELECT COUNT(*) FROM outbox WHERE {self._DUE_MAIL}", (now, now, max_attempts))
+        return int(row[0]) if row else 0
+
+    def claim_mail(
+        self, now: int, claimed_until: int, max_attempts: int, message_id: str
+    ) -> sqlite3.Row | None:
+        """Atomically take the next due row (pending, or a claim whose lease ran out).
+
+        The row becomes ``sending`` until ``claimed_until``, its attempt is
+        counted, and it keeps the Message-ID of its first claim (``message_id``
+        is used only when it has none yet).
+        """
+        with self.atomic():
+            row = self.one(
+                f"SELECT id FROM outbox WHERE {self._DUE_MAIL} ORDER BY next_attempt_at, id LIMIT 1",
+                (now, now, max_attempts),
+            )
+            if row is None:
+                return None
+            claimed = self.all(
+                "UPDATE outbox SET status = 'sending', claimed_until = ?, attempts = attempts + 1,"
+                " message_id = COALESCE(message_id, ?) WHERE id = ? RETURNING *",
+                (claimed_until, message_id, row[0]),
+            )
+            return claimed[0] if claimed else None
+
+    def mark_mail_sent(self, outbox_id: int, now: int) -> None:
+        """Delivered is delivered: recorded whoever holds the claim now."""
+        with self.atomic():
+            self.execute(
+                "UPDATE outbox SET status = 'sent', sent_at = ?, claimed_until = NULL, last_error = NULL"
+                " WHERE id = ? AND status != 'sent'",
+                (now, outbox_id),
+            )
+
+    def retry_mail(self, outbox_id: int, attempts: int, next_attempt_at: int, error: str) -> bool:
+        with self.atomic():
+            cursor = self.execute(
+                "UPDATE outbox SET status = 'pending', next_attempt_at = ?, claimed_until = NULL,"
+                " last_error = ? WHERE id = ? AND status = 'sending' AND attempts = ?",
+                (next_attempt_at, error, outbox_id, attempts),
+            )
+        return cursor.rowcount > 0
+
+    def fail_mail(self, outbox_id: int, attempts: int, error: str) -> bool:
+        with self.atomic():
+            cursor = self.execute(
+                "UPDATE outbox SET status = 'failed', claimed_until = NULL, last_error = ?"
+                " WHERE id = ? AND status = 'sending' AND attempts = ?",
+                (error, outbox_id, attempts),
+            )
+        return cursor.rowcount > 0
+
+    def fail_abandoned_mail(self, now: int, max_attempts: int) -> int:
+        """Give up on rows whose last allowed attempt was cut short (lease expired)."""
+        with self.atomic():
+            cursor = self.execute(
+                "UPDATE outbox SET status = 'failed', claimed_until = NULL,"
+                " last_error = 'the last attempt was interrupted; it may have been delivered'"
+                " WHERE status = 'sending' AND claimed_until <= ? AND attempts >= ?",
+                (now, max_attempts),
+            )
+        return cursor.rowcount
+
+    def get_mail(self, outbox_id: int) -> sqlite3.Row | None:
+        return self.one("SELECT * FROM outbox WHERE id = ?", (outbox_id,))
+
+    def mail_for_license(self, license_id: str) -> list[sqlite3.Row]:
+        return self.all("SELECT * FROM outbox WHERE license_id = ? ORDER BY id", (license_id,))
+
+    def mail_counts(self) -> dict[str, int]:
+        rows = self.all("SELECT status, COUNT(*) FROM outbox GROUP BY status")
+        return {str(r[0]): int(r[1]) for r in rows}
+
 
 def _statements(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]

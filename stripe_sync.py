@@ -33,10 +33,12 @@ import stripe
 import auth
 import keys
 import licensing
+import mailer
 import openapi
 from errors import (
     BadRequest,
     Conflict,
+    InvalidEmail,
     LicensedError,
     NotFound,
     StripeNotConfigured,
@@ -580,8 +582,13 @@ class EventProcessor:
         )
 
     def _mail_key(self, lic: License, email: str | None, name: str | None, now: int) -> None:
-        if email:
-            self.store.enqueue_mail(lic.id, "license_key", email, name, now)
+        """Queue the key mail; an address Stripe holds that we cannot send to is logged, not fatal."""
+        if not email:
+            return
+        try:
+            mailer.queue_mail(self.store, lic.id, "license_key", email, name, now)
+        except InvalidEmail as err:
+            log.warning("license key not mailed", extra={"license_id": lic.id, "error": err.message})
 
     def _checkout_completed(self, event: dict[str, Any], prepared: Prepared, now: int) -> Outcome:
         session = event["data"]["object"]

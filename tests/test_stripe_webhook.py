@@ -451,3 +451,16 @@ def test_stripe_routes_without_stripe_keys_answer_503(live: Live) -> None:
     answer = live.post("/api/billing/portal", {"key": key})
     assert answer.status_code == 503
     assert licensing.VALID in validate(live, key)["code"]
+
+
+def test_checkout_with_an_unmailable_address_still_creates_the_license(live: Live) -> None:
+    session = se.checkout_session(
+        session_id=se.uid("cs"),
+        mode="payment",
+        payment_intent="pi_bad_mail",
+        plan="pro-year",
+        email="buyer@example.com\r\nBcc: victim@example.com",
+    )
+    assert deliver(live, se.event("checkout.session.completed", session, created=T0)).status_code == 200
+    assert live.get(f"/api/checkout/session/{session['id']}").json()["status"] == "complete"
+    assert live.services.store.one("SELECT COUNT(*) FROM outbox")[0] == 0
