@@ -179,8 +179,8 @@ class Live:
         return row
 
 
-def start_server(services: Services) -> tuple[Any, threading.Thread, str]:
-    config = replace(services.config, host="127.0.0.1", port=0, threads=8)
+def start_server(services: Services, port: int = 0) -> tuple[Any, threading.Thread, str]:
+    config = replace(services.config, host="127.0.0.1", port=port, threads=8)
     server = licensed.create_server(licensed.App(services), config)
     thread = threading.Thread(target=server.run, name="waitress", daemon=True)
     thread.start()
@@ -188,8 +188,16 @@ def start_server(services: Services) -> tuple[Any, threading.Thread, str]:
 
 
 def stop_server(server: Any, thread: threading.Thread) -> None:
-    server.close()
+    """Close every socket from the server's own loop thread, then wait for the loop to end.
+
+    Closing them from here would race the loop's ``select()`` (EBADF), and open
+    keep-alive connections would keep the loop running.
+    """
+    from waitress import wasyncore
+
+    server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))
     thread.join(timeout=5)
+    server.task_dispatcher.shutdown()
 
 
 @pytest.fixture
@@ -198,3 +206,36 @@ def live(services: Services, clock: FrozenClock) -> Iterator[Live]:
     with requests.Session() as http:
         yield Live(url=url, services=services, clock=clock, http=http)
     stop_server(server, thread)
+
+
+# --- a server that tests can stop and start again (clients going offline) ---------------
+
+
+@dataclass
+class Restartable(Live):
+    """``live`` whose server stops and starts again on the same port and the same data."""
+
+    server: Any = None
+    thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def stop(self) -> None:
+        if self.server is not None and self.thread is not None:
+            stop_server(self.server, self.thread)
+        self.server = self.thread = None
+
+    def start(self) -> None:
+        if self.server is None:
+            self.server, self.thread, _url = start_server(self.services, self.port)
+
+
+@pytest.fixture
+def restartable(services: Services, clock: FrozenClock) -> Iterator[Restartable]:
+    server, thread, url = start_server(services)
+    with requests.Session() as http:
+        handle = Restartable(url=url, services=services, clock=clock, http=http, server=server, thread=thread)
+        yield handle
+        handle.stop()
