@@ -12,10 +12,12 @@ import base64
 import hashlib
 import hmac
 import json
+import os
 import select
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -739,3 +741,71 @@ def _no_stray_files(tmp_path: Path) -> Iterator[None]:
     yield
     leftovers = [p for p in tmp_path.rglob("*.tmp")]
     assert not leftovers, leftovers
+
+
+# --- the verification snippets of docs/integration.md --------------------------------------
+
+DOC = ROOT / "docs" / "integration.md"
+
+
+def doc_block(language: str, marker: str) -> str:
+    blocks = [b.split("\n", 1) for b in DOC.read_text(encoding="utf-8").split("```")[1::2]]
+    found = [body for info, body in blocks if info.strip() == language and marker in body]
+    assert len(found) == 1, f"{marker} in {len(found)} blocks of {DOC.name}"
+    return found[0]
+
+
+@pytest.fixture
+def genuine(server: Restartable, tmp_path: Path) -> dict[str, Any]:
+    """A key and lease issued at the real time (PyJWT checks ``iat`` against the wall clock)."""
+    server.clock.set(time.time())
+    kit = Kit(
+        "python",
+        server.url,
+        server.get("/.well-known/jwks.json").json(),
+        tmp_path / "s.json",
+        mid("doc"),
+        server.clock,
+    )
+    kit.activate(server.issue("pro-monthly", days=30))
+    state = kit.state()
+    return {"key": state["key"], "lease": state["lease"], "machine": kit.machine_id, "jwks": kit.jwks}
+
+
+@pytest.mark.parametrize("machine_ok", [True, False])
+def test_doc_pyjwt_snippet_verifies(genuine: dict[str, Any], machine_ok: bool) -> None:
+    namespace: dict[str, Any] = {}
+    exec(compile(doc_block("python", "def verify_license"), str(DOC), "exec"), namespace)  # noqa: S102
+    machine = genuine["machine"] if machine_ok else mid("elsewhere")
+    args = (genuine["key"], genuine["lease"], machine, genuine["jwks"], "DC", ISSUER)
+    if machine_ok:
+        assert namespace["verify_license"](*args)["sub"] == claims_of(genuine["lease"])["sub"]
+    else:
+        with pytest.raises(ValueError, match="another machine"):
+            namespace["verify_license"](*args)
+
+
+@pytest.mark.parametrize("machine_ok", [True, False])
+def test_doc_jose_snippet_verifies(genuine: dict[str, Any], machine_ok: bool) -> None:
+    node_ready()
+    machine = genuine["machine"] if machine_ok else mid("elsewhere")
+    script = doc_block("js", "export async function verifyLicense") + (
+        "\nconst a = JSON.parse(process.env.DOC_INPUT);\n"
+        "const claims = await verifyLicense(a.key, a.lease, a.machine, a.jwks, 'DC', a.issuer);\n"
+        "console.log(JSON.stringify(claims));\n"
+    )
+    done = subprocess.run(
+        ["node", "--input-type=module", "-e", script],
+        cwd=NODE_KIT,
+        env={**os.environ, "DOC_INPUT": json.dumps({**genuine, "machine": machine, "issuer": ISSUER})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if machine_ok:
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["sub"] == claims_of(genuine["lease"])["sub"]
+    else:
+        assert done.returncode != 0
+        assert "another machine" in done.stderr

@@ -312,7 +312,7 @@ export class LicenseClient {
     const answer = await this.request('POST', '/api/license/deactivate', this.body(key, machine));
     const code = answerCode(answer);
     await this.writeState({ ...kept(state), code, checked_at: Math.floor(this.now()) });
-    return result(code, false, true, licenseOf(answer), { reason: 'seat released on the server' });
+    return result(code, false, true, licenseOf(answer), { reason: 'key and lease forgotten here' });
   }
 
   /** Judge the stored key and lease with the public keys alone, no network. */

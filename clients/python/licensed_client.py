@@ -399,7 +399,7 @@ class LicenseClient:
         answer = self._post("/api/license/deactivate", self._body(key, machine))
         code = self._code(answer)
         self._write_state({**_kept(state), "code": code, "checked_at": int(self.now())})
-        return Result(code, False, True, _license(answer), reason="seat released on the server")
+        return Result(code, False, True, _license(answer), reason="key and lease forgotten here")
 
     def check_offline(self) -> Result:
         """Judge the stored key and lease with the public keys alone, no network."""
