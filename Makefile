@@ -18,6 +18,10 @@ tests/node/node_modules/.installed: tests/node/package.json tests/node/package-l
 	npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
 	touch $@
 
+clients/node/node_modules/.installed: clients/node/package.json clients/node/package-lock.json
+	npm ci --prefix clients/node --no-audit --no-fund --loglevel=error
+	touch $@
+
 run: $(VENV)/.runtime
 	DATA_DIR=$${DATA_DIR:-./data} $(VENV)/bin/licensed serve
 
@@ -26,11 +30,11 @@ lint: $(VENV)/.test
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-test: lint tests/node/node_modules/.installed
+test: lint tests/node/node_modules/.installed clients/node/node_modules/.installed
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.test
 	$(PY) bench/validate.py
 
 clean:
-	rm -rf $(VENV) tests/node/node_modules
+	rm -rf $(VENV) tests/node/node_modules clients/node/node_modules

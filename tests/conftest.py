@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import requests
+from waitress import wasyncore
 
 import licensed
 import licensing
@@ -181,7 +182,11 @@ class Live:
 
 @dataclass
 class RunningServer:
-    """A waitress server looping in a thread until ``stop()``; closed by its own thread."""
+    """A waitress server looping in a thread until ``stop()``.
+
+    Every socket is closed from the loop's own thread: closing them from
+    another would race its ``select()`` (EBADF).
+    """
 
     server: Any
     thread: threading.Thread
@@ -193,8 +198,8 @@ class RunningServer:
         self.thread.join(timeout=10)
 
 
-def start_server(services: Services) -> RunningServer:
-    config = replace(services.config, host="127.0.0.1", port=0, threads=8)
+def start_server(services: Services, port: int = 0) -> RunningServer:
+    config = replace(services.config, host="127.0.0.1", port=port, threads=8)
     server = licensed.create_server(licensed.App(services), config)
     halt = threading.Event()
 
@@ -203,7 +208,8 @@ def start_server(services: Services) -> RunningServer:
             while not halt.is_set():
                 server.asyncore.loop(timeout=0.02, map=server._map, count=1)
         finally:
-            server.close()
+            wasyncore.close_all(server._map)
+            server.task_dispatcher.shutdown()
 
     thread = threading.Thread(target=loop, name="waitress", daemon=True)
     thread.start()
@@ -216,3 +222,35 @@ def live(services: Services, clock: FrozenClock) -> Iterator[Live]:
     with requests.Session() as http:
         yield Live(url=running.url, services=services, clock=clock, http=http)
     running.stop()
+
+
+# --- a server that tests can stop and start again (clients going offline) ---------------
+
+
+@dataclass
+class Restartable(Live):
+    """``live`` whose server stops and starts again on the same port and the same data."""
+
+    running: RunningServer | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def stop(self) -> None:
+        if self.running is not None:
+            self.running.stop()
+        self.running = None
+
+    def start(self) -> None:
+        if self.running is None:
+            self.running = start_server(self.services, self.port)
+
+
+@pytest.fixture
+def restartable(services: Services, clock: FrozenClock) -> Iterator[Restartable]:
+    running = start_server(services)
+    with requests.Session() as http:
+        handle = Restartable(url=running.url, services=services, clock=clock, http=http, running=running)
+        yield handle
+        handle.stop()
