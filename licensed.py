@@ -459,6 +459,12 @@ def _parser() -> argparse.ArgumentParser:
     reconcile = commands.add_parser("reconcile", help="repair licences from Stripe (for cron)")
     reconcile.add_argument("--full", action="store_true", help="walk every subscription, not just events")
     reconcile.add_argument("--since", type=_timestamp, help="list events from this time (epoch or ISO 8601)")
+    reconcile.add_argument(
+        "--overlap",
+        type=int,
+        default=stripe_sync.RECONCILE_OVERLAP,
+        help="seconds re-listed before the cursor, for events Stripe lists late (default 600)",
+    )
     stripe_cmd = commands.add_parser("stripe", help="Stripe set-up").add_subparsers(
         dest="stripe_command", required=True
     )
@@ -550,7 +556,11 @@ def _cmd_reconcile(config: Config, args: argparse.Namespace, out: Callable[[str]
     try:
         reconciler = stripe_sync.Reconciler(services, gateway)
         now = services.now()
-        report = reconciler.full(now) if args.full else reconciler.events(now, since=args.since)
+        report = (
+            reconciler.full(now)
+            if args.full
+            else reconciler.events(now, since=args.since, overlap=max(0, args.overlap))
+        )
         out(report.line())
         for failure in report.failures[:20]:
             out(f"failed: {failure}")

@@ -941,7 +941,7 @@ class Reconciler:
         finally:
             handle.close()
 
-    def events(self, now: int, since: int | None = None) -> ReconcileReport:
+    def events(self, now: int, since: int | None = None, overlap: int = RECONCILE_OVERLAP) -> ReconcileReport:
         """Apply every event listed since the cursor (minus an overlap), oldest first.
 
         The cursor moves only when every listed event was applied; a Stripe
@@ -952,7 +952,7 @@ class Reconciler:
             report = ReconcileReport("events")
             calls_before = self.gateway.calls
             cursor = since if since is not None else int(store.get_setting(CURSOR_KEY) or 0)
-            start = max(0, cursor - RECONCILE_OVERLAP)
+            start = max(0, cursor - overlap)
             events = list(self.gateway.list_all("/v1/events", **{"created[gte]": start}))
             events.sort(key=lambda e: (int(e["created"]), str(e["id"])))
             newest = cursor
