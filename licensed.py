@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import time
 import traceback
@@ -418,6 +419,11 @@ def create_server(app: App, config: Config) -> Any:
     )
 
 
+def _stop_on_signal(signum: int, frame: Any) -> None:
+    """SIGTERM (systemd's stop) ends the server like Ctrl-C: the loop unwinds, threads stop."""
+    raise KeyboardInterrupt
+
+
 def serve(config: Config) -> None:
     for line in init_data_dir(config, int(time.time())):
         log.info(line)
@@ -425,14 +431,16 @@ def serve(config: Config) -> None:
     server = create_server(App(services), config)
     log.info(
         "listening",
-        extra={"url": f"http://{config.host}:{server.effective_port}", "port": server.effective_port},
+        extra={"url": f"http://{config.host}:{server.effective_port}", "port": int(server.effective_port)},
     )
     sender = mailer.MailSender(services).start() if config.smtp_url else None
+    signal.signal(signal.SIGTERM, _stop_on_signal)
     try:
-        server.run()
+        server.run()  # returns on SIGTERM or Ctrl-C: waitress stops on KeyboardInterrupt
     except KeyboardInterrupt:
         pass
     finally:
+        log.info("stopping")
         server.close()
         if sender is not None:
             sender.stop()
