@@ -175,3 +175,38 @@ def test_billing_portal_for_a_signed_in_user(
     assert (answer.status_code, answer.json()["error"]["code"]) == (409, "NO_STRIPE_CUSTOMER")
     answer = oidc_live.post("/api/billing/portal", {})
     assert answer.status_code == 401
+
+
+def test_plan_found_from_line_items_fetched_from_stripe(live: Live, double: StripeDouble) -> None:
+    """A session without our metadata (made elsewhere, e.g. a payment link): its line items name the price."""
+    import stripe_events as se
+
+    session = se.checkout_session(session_id=se.uid("cs"), mode="payment", payment_intent="pi_items")
+    item = {
+        "object": "item",
+        "id": "li_1",
+        "quantity": 1,
+        "price": {
+            **se.fixture("price"),
+            "id": "price_not_listed",
+            "metadata": {},
+            "product": {**se.fixture("product"), "metadata": {"license_plan": "pro-year"}},
+        },
+    }
+
+    def on_get(path: str, query: dict[str, str]) -> tuple[int, dict[str, object]]:
+        if path == f"/v1/checkout/sessions/{session['id']}/line_items":
+            return 200, {"object": "list", "data": [item], "has_more": False}
+        return 404, {"error": {"type": "invalid_request_error", "message": "no"}}
+
+    double.on_get = on_get
+    body, headers = se.signed(
+        se.event("checkout.session.completed", session, live.services.now()),
+        live.services.now(),
+        secret="whsec_x",
+    )
+    answer = live.http.post(live.url + "/api/stripe/webhook", data=body, headers=headers, timeout=10)
+    assert answer.status_code == 200, answer.text
+    lic = live.services.store.find_license("stripe_checkout_session_id", session["id"])
+    assert lic is not None and lic.plan == "pro-year"
+    assert double.requests[-1].form == {"expand[]": "data.price.product"}

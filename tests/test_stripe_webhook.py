@@ -464,3 +464,12 @@ def test_checkout_with_an_unmailable_address_still_creates_the_license(live: Liv
     assert deliver(live, se.event("checkout.session.completed", session, created=T0)).status_code == 200
     assert live.get(f"/api/checkout/session/{session['id']}").json()["status"] == "complete"
     assert live.services.store.one("SELECT COUNT(*) FROM outbox")[0] == 0
+
+
+def test_partial_refund_revokes_when_the_plan_says_so(live: Live, data_dir: Any) -> None:
+    plans = live.services.catalog.plans
+    plans["pro-monthly"] = dataclasses.replace(plans["pro-monthly"], revoke_on_partial_refund=True)
+    _license_id, key = _paid_subscription(live, "pi_part_revoke")
+    charge = se.charge(charge_id="ch_pr", payment_intent="pi_part_revoke", refunded_amount=1)
+    assert deliver(live, se.event("charge.refunded", charge, created=T0 + 2)).status_code == 200
+    assert validate(live, key)["code"] == "REVOKED"
