@@ -799,13 +799,16 @@ class EventProcessor:
         self.store.audit(now, "stripe", "license.past_due", lic.id, before, licensing.license_view(lic, 0))
         return Outcome("applied", lic.id, "past due")
 
+    def _paid_license(self, prepared: Prepared) -> License | Outcome:
+        """The licence a charge paid for, or the outcome saying there is none."""
+        lic = self.store.get_license(prepared.license_id) if prepared.license_id else None
+        return lic if lic is not None else Outcome("ignored", detail="the charge paid for no licence")
+
     def _charge_refunded(self, event: dict[str, Any], prepared: Prepared, now: int) -> Outcome:
         charge = event["data"]["object"]
-        if prepared.license_id is None:
-            return Outcome("ignored", detail="charge paid for no licence")
-        lic = self.store.get_license(prepared.license_id)
-        if lic is None:
-            return Outcome("ignored", detail="licence gone")
+        lic = self._paid_license(prepared)
+        if isinstance(lic, Outcome):
+            return lic
         amount = int(charge.get("amount") or 0)
         refunded = int(charge.get("amount_refunded") or 0)
         full = bool(charge.get("refunded")) or (amount > 0 and refunded >= amount)
@@ -822,11 +825,9 @@ class EventProcessor:
 
     def _dispute(self, event: dict[str, Any], prepared: Prepared, now: int) -> Outcome:
         dispute = event["data"]["object"]
-        if prepared.license_id is None:
-            return Outcome("ignored", detail="disputed charge paid for no licence")
-        lic = self.store.get_license(prepared.license_id)
-        if lic is None:
-            return Outcome("ignored", detail="licence gone")
+        lic = self._paid_license(prepared)
+        if isinstance(lic, Outcome):
+            return lic
         version = _version(event)
         status = str(dispute.get("status") or "")
         row = self.store.one("SELECT status, version FROM disputes WHERE id = ?", (dispute["id"],))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,19 +34,13 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import stripe_events as se  # noqa: E402
 from conftest import TEST_PLANS  # noqa: E402
+from localstripe_fixtures import free_port, healthy, wait_for  # noqa: E402
 
 import licensed  # noqa: E402
 import licensing  # noqa: E402
 from config import Config  # noqa: E402
 
 SECRET = se.SECRET
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def start(data: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -68,15 +61,8 @@ def start(data: Path) -> tuple[subprocess.Popen[bytes], str]:
         stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except requests.RequestException:
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("server did not start")
+    wait_for(lambda: healthy(url), 30, "the server")
+    return proc, url
 
 
 def subscription_event(sub_id: str, now: int) -> dict[str, Any]:

@@ -171,7 +171,7 @@ def served(tmp_path: Path, emulator: Emulator) -> Iterator[Served]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: _health(url), 20, "licensed to listen")
+        wait_for(lambda: healthy(url), 20, "licensed to listen")
         emulator.hook(url + "/api/stripe/webhook")
         yield Served(url, data / "licensed.sqlite3", proc, env)
     finally:
@@ -182,7 +182,7 @@ def served(tmp_path: Path, emulator: Emulator) -> Iterator[Served]:
         assert "Traceback" not in err, err
 
 
-def _health(url: str) -> bool:
+def healthy(url: str) -> bool:
     with contextlib.suppress(requests.RequestException):
         return requests.get(url + "/health", timeout=1).status_code == 200
     return False

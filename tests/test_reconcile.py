@@ -162,27 +162,24 @@ def test_stripe_setup_creates_then_updates(double: StripeDouble, data_dir: Path)
     }
     os_env = {**os.environ, **env}
     root = Path(__file__).resolve().parent.parent
-    first = subprocess.run(
-        [sys.executable, "-m", "licensed", "stripe", "setup"],
-        cwd=root,
-        env=os_env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+
+    def setup() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "licensed", "stripe", "setup"],
+            cwd=root,
+            env=os_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    first = setup()
     assert first.returncode == 0, first.stderr
     assert "STRIPE_WEBHOOK_SECRET=whsec_" in first.stdout
     [endpoint] = double.endpoints
     assert endpoint["url"] == "https://licenses.example.com/api/stripe/webhook"
     assert sorted(endpoint["enabled_events"]) == sorted(stripe_sync.HANDLED_EVENTS)
-    second = subprocess.run(
-        [sys.executable, "-m", "licensed", "stripe", "setup"],
-        cwd=root,
-        env=os_env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    second = setup()
     assert second.returncode == 0 and "updated" in second.stdout and "whsec_" not in second.stdout
     assert len(double.endpoints) == 1
 

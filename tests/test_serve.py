@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from localstripe_fixtures import ROOT, free_port, wait_for
+from localstripe_fixtures import ROOT, free_port, healthy, wait_for
 
 
 def test_first_start_then_sigterm_stops_cleanly(tmp_path: Path) -> None:
@@ -24,15 +24,7 @@ def test_first_start_then_sigterm_stops_cleanly(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
     )
     try:
-        import requests
-
-        def healthy() -> bool:
-            try:
-                return requests.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
-            except requests.RequestException:
-                return False
-
-        wait_for(healthy, 30, "the server")
+        wait_for(lambda: healthy(f"http://127.0.0.1:{port}"), 30, "the server")
         assert sorted(p.name for p in data.iterdir()) == [
             "keys",
             "licensed.sqlite3",
