@@ -479,9 +479,7 @@ class Store:
 
     # --- outbox ---------------------------------------------------------------------
 
-    def enqueue_mail(
-        self, license_id: str, kind: str, to_addr: str, to_name: str | None, now: int
-    ) -> int:
+    def enqueue_mail(self, license_id: str, kind: str, to_addr: str, to_name: str | None, now: int) -> int:
         """Queue a message about a licence; call inside the transaction that changes it.
 
         Only the licence id and the kind of message are stored: the body, and
@@ -516,6 +514,21 @@ class Store:
                 None if after is None else json.dumps(after, sort_keys=True),
             ),
         )
+
+    # --- metrics ------------------------------------------------------------------
+
+    def outbox_backlog(self) -> dict[str, int]:
+        """Outbox rows not yet sent, counted by status."""
+        rows = self.all(
+            "SELECT status, COUNT(*) FROM outbox WHERE status IN ('pending', 'sending', 'failed')"
+            " GROUP BY status"
+        )
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    def outbox_oldest_unsent(self) -> int | None:
+        """``created_at`` of the oldest mail still waiting to go out, if any."""
+        row = self.one("SELECT MIN(created_at) FROM outbox WHERE status IN ('pending', 'sending')")
+        return int(row[0]) if row and row[0] is not None else None
 
 
 def _statements(script: str) -> list[str]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import requests
+from waitress import wasyncore
 
 import licensed
 import licensing
@@ -188,7 +189,9 @@ def start_server(services: Services) -> tuple[Any, threading.Thread, str]:
 
 
 def stop_server(server: Any, thread: threading.Thread) -> None:
-    server.close()
+    """Stop the workers, then have the loop close every socket it watches, so it ends at once."""
+    server.task_dispatcher.shutdown()
+    server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))
     thread.join(timeout=5)
 
 
