@@ -182,8 +182,8 @@ fi
 env_file="$prefix/etc/licensed/licensed.env"
 if [ ! -e "$env_file" ]; then
 	install -m 0640 "$here/licensed.env.example" "$env_file"
-	fix_owner /etc/licensed/licensed.env root licensed
 	note "wrote /etc/licensed/licensed.env from the example: edit it"
+	fix_owner /etc/licensed/licensed.env root licensed
 elif [ $(($(stat -c %#a "$env_file") & 8#007)) -ne 0 ]; then
 	say "warning: /etc/licensed/licensed.env is readable by others (holds secrets): chmod 0640 it"
 fi
