@@ -33,10 +33,10 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     # A license key, PREFIX-TIER-<JWS>: masked whole.
     (re.compile(r"\b[A-Z0-9]{1,32}-[A-Z0-9_]{1,32}-eyJ[A-Za-z0-9_\-.]*"), MASK),
     # Any JWS/JWT (leases, OIDC tokens), whole or cut short: base64url of '{"'.
-    (re.compile(r"\beyJ[A-Za-z0-9_\-]{4,}(?:\.[A-Za-z0-9_\-]*){0,2}"), MASK),
-    (re.compile(r"\bwhsec_[A-Za-z0-9+/=_\-]+"), MASK),
-    (re.compile(r"\b(?:sk|rk)_(?:live|test)_[A-Za-z0-9_]+"), MASK),
-    (re.compile(r"\bcs_(?:live|test)_[A-Za-z0-9_]+"), MASK),
+    (re.compile(r"eyJ[A-Za-z0-9_\-]{4,}(?:\.[A-Za-z0-9_\-]*){0,2}"), MASK),
+    (re.compile(r"whsec_[A-Za-z0-9+/=_\-]+"), MASK),
+    (re.compile(r"(?:sk|rk)_(?:live|test)_[A-Za-z0-9_]+"), MASK),
+    (re.compile(r"cs_(?:live|test)_[A-Za-z0-9_]+"), MASK),
     (re.compile(r"(?i)\b(bearer)(\s+)[^\s\"',;]+"), rf"\1\2{MASK}"),
     # user:password@ in any URL (SMTP_URL above all).
     (re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://[^/\s:@\"']*):[^/\s@\"']*@"), rf"\1:{MASK}@"),

@@ -32,8 +32,8 @@ from web import Request, Response
 ROOT = Path(__file__).resolve().parent.parent
 MACHINE_ID = "machine-7f3a9c-QX-serial-0042"
 B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-# Text around a secret: anything, but ending/starting in a separator so the secret stands apart.
-AROUND = st.text(max_size=30).map(lambda s: s + " ")
+# Text around a secret: anything, even glued to it.
+AROUND = st.text(max_size=30)
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ def jws_of(key: str) -> str:
     ),
 )
 def test_secret_shapes_are_masked_anywhere(before: str, after: str, secret: str) -> None:
-    cleaned = redact.redact_text(" " + before + secret + " " + after)
+    cleaned = redact.redact_text(before + secret + after)
     assert secret not in cleaned
     assert redact.MASK in cleaned
     assert redact.redact_text(cleaned) == cleaned
