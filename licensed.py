@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import getpass
-import ipaddress
 import json
 import logging
 import os
@@ -26,16 +25,21 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import cors
 import keys
 import licensing
 import mailer
+import metrics
 import openapi
+import ratelimit
+import redact
 import stripe_sync
 import subscriptions
 from config import Config
 from errors import ConfigError, LicensedError
 from keys import KeyRing
 from plans import EXAMPLE_PLANS, load_catalog
+from ratelimit import client_address as trusted_client
 from services import Services
 from store import open_store
 from web import Request, Response, Route, Router
@@ -128,6 +132,9 @@ class App:
         self.services = services
         self.config = services.config
         self.licensing = services.licensing
+        self.limiter = ratelimit.RateLimiter(self.config.rate_limit_per_minute, services.clock)
+        self.cors = cors.Cors(self.config.website_url)
+        self.metrics = metrics.REGISTRY
         self.router = Router(self.routes())
         self._openapi = openapi.document(self.router.routes, self.config.app_base_url, __version__)
 
@@ -137,6 +144,7 @@ class App:
             *self.core_routes(),
             *stripe_sync.routes(self.services),
             *subscriptions.routes(self.services),
+            *metrics.routes(self.services),
         ]
 
     def core_routes(self) -> list[Route]:
@@ -191,13 +199,27 @@ class App:
         method = environ.get("REQUEST_METHOD", "GET")
         path = environ.get("PATH_INFO", "") or "/"
         request_id = _request_id(environ)
+        redact.start_request()
+        client = trusted_client(
+            str(environ.get("REMOTE_ADDR") or ""),
+            environ.get("HTTP_X_FORWARDED_FOR"),
+            self.config.trusted_proxies,
+        )
+        origin = environ.get("HTTP_ORIGIN")
+        route: Route | None = None
         try:
-            route, params = self.router.match(method, path)
-            request = Request(environ, params, self.config.max_body_bytes)
-            if route.body is not None:
-                request.parsed = request.json()
-                openapi.check(request.parsed, route.body)
-            response = route.handler(request)
+            if ratelimit.is_limited(path):
+                self.limiter.check(client)
+            if self.cors.is_preflight(method, path):
+                response = self.cors.preflight(path, origin, self.router.methods(path))
+            else:
+                route, params = self.router.match(method, path)
+                request = Request(environ, params, self.config.max_body_bytes)
+                if route.body is not None:
+                    request.parsed = request.json()
+                    redact.remember_body(request.parsed)
+                    openapi.check(request.parsed, route.body)
+                response = route.handler(request)
         except LicensedError as err:
             response = error_response(err)
         except Exception:
@@ -215,10 +237,17 @@ class App:
             ("Content-Length", str(len(payload))),
             ("X-Request-Id", request_id),
             *response.headers,
+            *self.cors.headers(path, origin),
         ]
         if not any(name == "Cache-Control" for name, _ in response.headers):
             headers.append(("Cache-Control", "no-store"))
+        if response.status == 204:
+            headers = [h for h in headers if h[0] not in ("Content-Type", "Content-Length")]
         start_response(f"{response.status} {_REASONS.get(response.status, 'Unknown')}", headers)
+        elapsed = time.perf_counter() - started
+        self.metrics.observe_request(
+            method, route.path if route else None, response.status, elapsed, response.body
+        )
         access_log.info(
             "request",
             extra={
@@ -226,12 +255,8 @@ class App:
                 "method": method,
                 "path": path,
                 "status": response.status,
-                "ms": round((time.perf_counter() - started) * 1000, 2),
-                "remote": trusted_client(
-                    str(environ.get("REMOTE_ADDR") or ""),
-                    environ.get("HTTP_X_FORWARDED_FOR"),
-                    self.config.trusted_proxies,
-                ),
+                "ms": round(elapsed * 1000, 2),
+                "remote": client,
             },
         )
         return [payload]
@@ -322,9 +347,17 @@ def _request_id(environ: dict[str, Any]) -> str:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line; fields passed with ``extra=`` are included."""
+    """One JSON object per line; fields passed with ``extra=`` are included.
+
+    Every line goes through :class:`redact.Redactor` last: keys, tokens,
+    secrets and the request's machine id are masked wherever they appear.
+    """
 
     _STANDARD = frozenset(vars(logging.makeLogRecord({})))
+
+    def __init__(self, secrets: Sequence[str] = ()) -> None:
+        super().__init__()
+        self.redactor = redact.Redactor(secrets)
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -338,7 +371,7 @@ class JsonFormatter(logging.Formatter):
                 entry[name] = value
         if record.exc_info:
             entry["trace"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        return json.dumps(self.redactor.clean(entry), default=str)
 
 
 class OncePerInterval(logging.Filter):
@@ -362,9 +395,9 @@ class OncePerInterval(logging.Filter):
         return False
 
 
-def setup_logging(level: str) -> None:
+def setup_logging(level: str, secrets: Sequence[str] = ()) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(JsonFormatter(secrets))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -416,6 +449,9 @@ def create_server(app: App, config: Config) -> Any:
         max_request_body_size=WAITRESS_BODY_LIMIT,
         channel_timeout=30,
         connection_limit=1000,
+        # The app weighs X-Forwarded-For against TRUSTED_PROXIES itself; waitress 3
+        # would otherwise strip the header before the app sees it.
+        clear_untrusted_proxy_headers=False,
     )
 
 
@@ -606,7 +642,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = print
     try:
         config = Config.from_sources(os.environ, args.env_file)
-        setup_logging(config.log_level)
+        setup_logging(config.log_level, redact.config_secrets(config))
         if args.command == "serve":
             serve(config)
         elif args.command == "init":
@@ -626,25 +662,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LicensedError as err:
         print(f"licensed: {err.message}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1
-
-
-def trusted_client(remote: str, forwarded: str | None, trusted: Sequence[Any]) -> str:
-    """The client address, believing ``X-Forwarded-For`` only from trusted proxies."""
-    try:
-        address = ipaddress.ip_address(remote)
-    except ValueError:
-        return remote
-    if not forwarded or not any(address in net for net in trusted):
-        return remote
-    hops = [h.strip() for h in forwarded.split(",") if h.strip()]
-    for hop in reversed(hops):
-        try:
-            hop_address = ipaddress.ip_address(hop)
-        except ValueError:
-            return remote
-        if not any(hop_address in net for net in trusted):
-            return hop
-    return hops[0] if hops else remote
 
 
 if __name__ == "__main__":

@@ -678,6 +678,21 @@ class Store:
         rows = self.all("SELECT status, COUNT(*) FROM outbox GROUP BY status")
         return {str(r[0]): int(r[1]) for r in rows}
 
+    # --- metrics ------------------------------------------------------------------
+
+    def outbox_backlog(self) -> dict[str, int]:
+        """Outbox rows not yet sent, counted by status."""
+        rows = self.all(
+            "SELECT status, COUNT(*) FROM outbox WHERE status IN ('pending', 'sending', 'failed')"
+            " GROUP BY status"
+        )
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    def outbox_oldest_unsent(self) -> int | None:
+        """``created_at`` of the oldest mail still waiting to go out, if any."""
+        row = self.one("SELECT MIN(created_at) FROM outbox WHERE status IN ('pending', 'sending')")
+        return int(row[0]) if row and row[0] is not None else None
+
 
 def _statements(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]

@@ -34,6 +34,7 @@ import auth
 import keys
 import licensing
 import mailer
+import metrics
 import openapi
 from errors import (
     BadRequest,
@@ -1156,9 +1157,18 @@ class StripeRoutes:
         if not secrets:
             raise StripeNotConfigured("no webhook secret is configured")
         raw = request.body()
-        verify_signature(raw, request.header("Stripe-Signature"), secrets, self.services.now())
+        try:
+            verify_signature(raw, request.header("Stripe-Signature"), secrets, self.services.now())
+        except WebhookSignatureError:
+            metrics.record_webhook("unverified", "bad_signature")
+            raise
         event = parse_event(raw)
-        self.processor.process(event, self.services.now())
+        try:
+            outcome = self.processor.process(event, self.services.now())
+        except LicensedError:
+            metrics.record_webhook(event["type"], "failed")
+            raise
+        metrics.record_webhook(event["type"], outcome.status)
         return Response({"received": True})
 
     def portal(self, request: Request) -> Response:

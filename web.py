@@ -140,6 +140,17 @@ class Router:
                 self._static.setdefault(route.path, {})[route.method] = route
 
     def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
+        methods, params = self._lookup(path)
+        route = methods.get(method)
+        if route is None:
+            raise MethodNotAllowed(list(methods))
+        return route, params
+
+    def methods(self, path: str) -> list[str]:
+        """The methods routed at ``path`` (CORS preflights answer with them); 404 if none."""
+        return sorted(self._lookup(path)[0])
+
+    def _lookup(self, path: str) -> tuple[dict[str, Route], dict[str, str]]:
         methods = self._static.get(path)
         params: dict[str, str] = {}
         if methods is None:
@@ -150,7 +161,4 @@ class Router:
                     break
         if methods is None:
             raise NotFound(f"no route {path}")
-        route = methods.get(method)
-        if route is None:
-            raise MethodNotAllowed(list(methods))
-        return route, params
+        return methods, params

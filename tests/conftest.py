@@ -198,9 +198,11 @@ class RunningServer:
         self.thread.join(timeout=10)
 
 
-def start_server(services: Services, port: int = 0) -> RunningServer:
+def start_server(
+    services: Services, port: int = 0, app_class: type[licensed.App] = licensed.App
+) -> RunningServer:
     config = replace(services.config, host="127.0.0.1", port=port, threads=8)
-    server = licensed.create_server(licensed.App(services), config)
+    server = licensed.create_server(app_class(services), config)
     halt = threading.Event()
 
     def loop() -> None:

@@ -473,3 +473,23 @@ def test_partial_refund_revokes_when_the_plan_says_so(live: Live, data_dir: Any)
     charge = se.charge(charge_id="ch_pr", payment_intent="pi_part_revoke", refunded_amount=1)
     assert deliver(live, se.event("charge.refunded", charge, created=T0 + 2)).status_code == 200
     assert validate(live, key)["code"] == "REVOKED"
+
+
+def test_webhook_outcomes_are_counted_in_metrics(live: Live) -> None:
+    def count(kind: str, outcome: str) -> float:
+        for line in live.get("/metrics").text.splitlines():
+            if (
+                line.startswith("licensed_webhooks_total{")
+                and f'type="{kind}"' in line
+                and f'outcome="{outcome}"' in line
+            ):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    before = count("customer.subscription.created", "applied"), count("unverified", "bad_signature")
+    sub = se.subscription(sub_id=se.uid("sub"), customer="cus_m", price=SUB_PRICE, period_end=T0 + 30 * DAY)
+    evt = se.event("customer.subscription.created", sub, created=T0)
+    deliver(live, evt)
+    deliver(live, evt, secret="whsec_wrong")
+    assert count("customer.subscription.created", "applied") == before[0] + 1
+    assert count("unverified", "bad_signature") == before[1] + 1

@@ -1,0 +1,253 @@
+"""``GET /metrics``: the server's counters in Prometheus text format (0.0.4).
+
+No client library: a handful of counters and one histogram kept under one
+lock, plus gauges read from the database at scrape time (outbox backlog, age
+of the last successful reconcile). Counters live in the process-wide
+:data:`REGISTRY`, so other modules record into it with plain functions such as
+:func:`record_webhook`.
+
+Label values come from bounded sets (route templates, not raw paths; known
+methods; stable codes), and each family is capped at :data:`MAX_SERIES` label
+sets so a flood of odd values cannot grow memory without end.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from errors import LicensedError
+from services import Services
+from store import Store
+from web import Request, Response, Route
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+MAX_SERIES = 500
+UNMATCHED = "unmatched"
+OTHER = "other"
+LICENSE_PREFIX = "/api/license/"
+RECONCILE_SETTING = "reconcile.last_success_at"
+OUTBOX_BACKLOG_STATUSES = ("pending", "sending", "failed")
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+Labels = tuple[str, ...]
+
+
+class _Histogram:
+    __slots__ = ("buckets", "count", "sum")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * len(LATENCY_BUCKETS)  # non-cumulative; summed when rendered
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(LATENCY_BUCKETS):
+            if value <= bound:
+                self.buckets[i] += 1
+                break
+        self.count += 1
+        self.sum += value
+
+
+class Metrics:
+    """The process' counters. Every method is thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests: dict[Labels, int] = {}
+        self.latency: dict[Labels, _Histogram] = {}
+        self.license_answers: dict[Labels, int] = {}
+        self.webhooks: dict[Labels, int] = {}
+        self.started_at = time.time()
+
+    # --- recording ---------------------------------------------------------------------
+
+    def observe_request(
+        self, method: str, route: str | None, status: int, seconds: float, body: Any = None
+    ) -> None:
+        """Count one answered request; a license route's answer also counts its ``code``."""
+        label = route or UNMATCHED
+        method = method if method in _METHODS else OTHER
+        with self._lock:
+            _inc(self.requests, (method, label, str(status)))
+            histogram = self.latency.get((label,))
+            if histogram is None:
+                histogram = _Histogram()
+                if len(self.latency) < MAX_SERIES:
+                    self.latency[(label,)] = histogram
+            histogram.observe(max(0.0, seconds))
+            if route and route.startswith(LICENSE_PREFIX) and isinstance(body, dict):
+                code = body.get("code")
+                if isinstance(code, str):
+                    _inc(self.license_answers, (route.removeprefix(LICENSE_PREFIX), code))
+
+    def record_webhook(self, event_type: str, outcome: str) -> None:
+        with self._lock:
+            _inc(self.webhooks, (str(event_type)[:100], str(outcome)[:50]))
+
+    # --- rendering ---------------------------------------------------------------------
+
+    def render(self, store: Store | None, now: float) -> str:
+        """The exposition text: in-memory counters, then gauges read from ``store``."""
+        with self._lock:
+            requests = dict(self.requests)
+            latency = {k: (list(h.buckets), h.count, h.sum) for k, h in self.latency.items()}
+            answers = dict(self.license_answers)
+            webhooks = dict(self.webhooks)
+        out: list[str] = []
+        _family(out, "licensed_http_requests_total", "counter", "HTTP requests answered.")
+        _samples(out, "licensed_http_requests_total", ("method", "route", "status"), requests)
+        _family(
+            out,
+            "licensed_http_request_duration_seconds",
+            "histogram",
+            "Time from request start to the answer being ready.",
+        )
+        for (route,), (buckets, count, total) in sorted(latency.items()):
+            cumulative = 0
+            for bound, n in zip(LATENCY_BUCKETS, buckets, strict=True):
+                cumulative += n
+                out.append(
+                    _line(
+                        "licensed_http_request_duration_seconds_bucket",
+                        ("route", "le"),
+                        (route, _number(bound)),
+                        cumulative,
+                    )
+                )
+            out.append(
+                _line(
+                    "licensed_http_request_duration_seconds_bucket", ("route", "le"), (route, "+Inf"), count
+                )
+            )
+            out.append(_line("licensed_http_request_duration_seconds_sum", ("route",), (route,), total))
+            out.append(_line("licensed_http_request_duration_seconds_count", ("route",), (route,), count))
+        _family(
+            out,
+            "licensed_license_answers_total",
+            "counter",
+            "Answers of validate/activate/deactivate by outcome code.",
+        )
+        _samples(out, "licensed_license_answers_total", ("action", "code"), answers)
+        _family(
+            out, "licensed_webhooks_total", "counter", "Stripe webhook deliveries by event type and outcome."
+        )
+        _samples(out, "licensed_webhooks_total", ("type", "outcome"), webhooks)
+        _family(out, "licensed_process_start_time_seconds", "gauge", "When this process started (epoch).")
+        out.append(_line("licensed_process_start_time_seconds", (), (), self.started_at))
+        out.extend(_store_gauges(store, now))
+        return "\n".join(out) + "\n"
+
+
+def _store_gauges(store: Store | None, now: float) -> list[str]:
+    """Gauges read from the database; a database that cannot be read says so in ``licensed_database_up``."""
+    out: list[str] = []
+    try:
+        if store is None:
+            raise LicensedError("no store")
+        backlog = store.outbox_backlog()
+        oldest = store.outbox_oldest_unsent()
+        last = _epoch(store.get_setting(RECONCILE_SETTING))
+    except LicensedError:
+        _family(out, "licensed_database_up", "gauge", "1 when the database answered this scrape.")
+        out.append(_line("licensed_database_up", (), (), 0))
+        return out
+    _family(out, "licensed_database_up", "gauge", "1 when the database answered this scrape.")
+    out.append(_line("licensed_database_up", (), (), 1))
+    _family(out, "licensed_outbox_backlog", "gauge", "Mails not yet sent, by outbox status.")
+    for status in OUTBOX_BACKLOG_STATUSES:
+        out.append(_line("licensed_outbox_backlog", ("status",), (status,), backlog.get(status, 0)))
+    _family(
+        out,
+        "licensed_outbox_oldest_unsent_age_seconds",
+        "gauge",
+        "Age of the oldest pending or sending mail; 0 when none waits.",
+    )
+    out.append(
+        _line("licensed_outbox_oldest_unsent_age_seconds", (), (), max(0.0, now - oldest) if oldest else 0)
+    )
+    _family(
+        out,
+        "licensed_reconcile_last_success_timestamp_seconds",
+        "gauge",
+        "When the last reconcile with Stripe succeeded (epoch); 0 when never.",
+    )
+    out.append(_line("licensed_reconcile_last_success_timestamp_seconds", (), (), last or 0))
+    _family(
+        out,
+        "licensed_seconds_since_last_reconcile",
+        "gauge",
+        "Seconds since the last successful reconcile; +Inf when it never succeeded.",
+    )
+    out.append(
+        _line("licensed_seconds_since_last_reconcile", (), (), max(0.0, now - last) if last else math.inf)
+    )
+    return out
+
+
+def _epoch(value: str | None) -> float | None:
+    """An epoch time stored as text; absent, 0, or unreadable all mean "never"."""
+    if not value:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if number > 0 and math.isfinite(number) else None
+
+
+def _inc(family: dict[Labels, int], labels: Labels) -> None:
+    if labels not in family and len(family) >= MAX_SERIES:
+        labels = tuple(OTHER for _ in labels)
+    family[labels] = family.get(labels, 0) + 1
+
+
+def _family(out: list[str], name: str, kind: str, help_text: str) -> None:
+    out.append(f"# HELP {name} {help_text}")
+    out.append(f"# TYPE {name} {kind}")
+
+
+def _samples(out: list[str], name: str, names: Sequence[str], values: dict[Labels, int]) -> None:
+    for labels, value in sorted(values.items()):
+        out.append(_line(name, names, labels, value))
+
+
+def _line(name: str, names: Iterable[str], values: Iterable[str], value: float) -> str:
+    pairs = ",".join(f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True))
+    return f"{name}{{{pairs}}} {_number(value)}" if pairs else f"{name} {_number(value)}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if math.isnan(value):
+        return "NaN"
+    return repr(float(value))
+
+
+REGISTRY = Metrics()
+"""The process' metrics: one server per process, so one registry."""
+
+
+def record_webhook(event_type: str, outcome: str) -> None:
+    """Count one webhook delivery (``outcome`` e.g. applied, ignored, duplicate, failed, bad_signature)."""
+    REGISTRY.record_webhook(event_type, outcome)
+
+
+def routes(services: Services, registry: Metrics = REGISTRY) -> list[Route]:
+    def handler(request: Request) -> Response:
+        text = registry.render(services.store, services.clock())
+        return Response(raw=text.encode("utf-8"), content_type=CONTENT_TYPE)
+
+    return [Route("GET", "/metrics", handler, "Prometheus metrics", tag="ops")]

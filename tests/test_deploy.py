@@ -1,0 +1,419 @@
+"""The files of deploy/: install script, systemd unit, Caddyfile, cron jobs, env example.
+
+Tools that check them for real (systemd-analyze, caddy) are used when they are
+installed (.ci/run installs them from Debian's packages) and skipped with a
+reason otherwise; the structural checks here run everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import socket
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import FrozenClock
+from ops_helpers import live_with
+
+import licensed
+from config import Config, read_env_file, setting_names
+from services import Services
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+INSTALL = DEPLOY / "install.sh"
+ENV_FILE = "/etc/licensed/licensed.env"
+BIN = "/opt/licensed/bin/licensed"
+
+# --- env example ---------------------------------------------------------------------------
+
+
+def test_env_example_lists_exactly_the_settings() -> None:
+    path = DEPLOY / "licensed.env.example"
+    names = [
+        line.split("=", 1)[0].strip()
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    assert len(names) == len(set(names)), "a setting is listed twice"
+    assert sorted(names) == sorted(setting_names())
+    config = Config.from_mapping(read_env_file(path))
+    assert config.data_dir == Path("/var/lib/licensed")
+    assert config.host == "127.0.0.1"
+    assert config.app_base_url.startswith("https://")
+
+
+# --- systemd unit -------------------------------------------------------------------------
+
+
+def parse_unit(text: str) -> dict[str, dict[str, list[str]]]:
+    """Sections of a unit file; a key given twice keeps both values, as systemd does."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] | None = None
+    for raw in text.replace("\\\n", " ").splitlines():
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        assert current is not None, f"key outside a section: {line}"
+        key, sep, value = line.partition("=")
+        assert sep and re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", key.strip()), f"not Key=Value: {line}"
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+def test_unit_is_hardened_and_runs_the_server() -> None:
+    unit = parse_unit((DEPLOY / "licensed.service").read_text(encoding="utf-8"))
+    service = unit["Service"]
+    assert service["ExecStart"] == [f"{BIN} --env-file {ENV_FILE} serve"]
+    assert service["User"] == ["licensed"]
+    assert service["KillSignal"] == ["SIGINT"]  # waitress drains on KeyboardInterrupt
+    expected = {
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "PrivateDevices": "yes",
+        "ReadWritePaths": "/var/lib/licensed",
+        "CapabilityBoundingSet": "",
+        "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6",
+        "SystemCallArchitectures": "native",
+        "RestrictSUIDSGID": "yes",
+        "LockPersonality": "yes",
+        "UMask": "0077",
+    }
+    for key, value in expected.items():
+        assert service.get(key) == [value], key
+    assert "@system-service" in service["SystemCallFilter"]
+    assert unit["Install"]["WantedBy"] == ["multi-user.target"]
+    assert "network-online.target" in unit["Unit"]["After"][0]
+
+
+def test_unit_verifies(installed: Path, tmp_path: Path) -> None:
+    """``systemd-analyze verify`` of the unit, its ExecStart pointed at the throwaway install."""
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
+    text = (installed / "etc/systemd/system/licensed.service").read_text(encoding="utf-8")
+    assert BIN in text
+    unit = tmp_path / "licensed.service"
+    unit.write_text(text.replace(BIN, f"{installed}{BIN}"), encoding="utf-8")
+    run = subprocess.run([tool, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    # verify exits 0 on unknown keys and bad values, but says so on stderr.
+    complaints = [line for line in run.stderr.splitlines() if "licensed.service" in line]
+    assert run.returncode == 0 and not complaints, run.stderr
+
+
+def test_unit_verification_catches_mistakes(installed: Path, tmp_path: Path) -> None:
+    """The check above can fail: a misspelt key and a bad value are both reported."""
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
+    text = (DEPLOY / "licensed.service").read_text(encoding="utf-8").replace(BIN, f"{installed}{BIN}")
+    broken = text.replace("ProtectSystem=strict", "ProtectSystem=strictest\nProtectSystm=strict")
+    unit = tmp_path / "licensed.service"
+    unit.write_text(broken, encoding="utf-8")
+    run = subprocess.run([tool, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert "ProtectSystm" in run.stderr
+    assert "strictest" in run.stderr
+
+
+# --- Caddyfile ----------------------------------------------------------------------------
+
+
+def caddyfile() -> str:
+    return (DEPLOY / "Caddyfile").read_text(encoding="utf-8")
+
+
+def test_caddyfile_structure() -> None:
+    text = caddyfile()
+    depth = 0
+    for line in text.splitlines():
+        stripped = line.split("#", 1)[0] if not line.lstrip().startswith("#") else ""
+        depth += stripped.count("{") - stripped.count("}")
+        assert depth >= 0
+    assert depth == 0, "unbalanced braces"
+    assert re.search(r"^licenses\.example\.com \{$", text, re.M), "one site block for the API domain"
+    assert "reverse_proxy 127.0.0.1:3010" in text
+    assert "Strict-Transport-Security" in text
+    assert re.search(r"respond @internal 404", text) and "@internal path /metrics" in text
+
+
+def test_caddyfile_validates() -> None:
+    tool = shutil.which("caddy")
+    if tool is None:
+        pytest.skip("caddy is not installed (apt-get install caddy)")
+    run = subprocess.run(
+        [tool, "validate", "--config", str(DEPLOY / "Caddyfile"), "--adapter", "caddyfile"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "Valid configuration" in run.stdout + run.stderr
+    formatted = subprocess.run(
+        [tool, "fmt", str(DEPLOY / "Caddyfile")], capture_output=True, text=True, timeout=60
+    )
+    assert formatted.stdout == caddyfile(), "not in `caddy fmt` form"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def caddy_in_front(services: Services, clock: FrozenClock, tmp_path: Path) -> Iterator[str]:
+    """The shipped Caddyfile, served over plain HTTP on a free port, in front of a live server."""
+    tool = shutil.which("caddy")
+    if tool is None:
+        pytest.skip("caddy is not installed (apt-get install caddy)")
+    with live_with(services, clock, rate_limit_per_minute=2) as live:
+        upstream = live.url.removeprefix("http://")
+        port = free_port()
+        text = caddyfile()
+        text = text.replace("{\n\temail", "{\n\tadmin off\n\temail", 1)
+        text = text.replace("licenses.example.com {", f"http://127.0.0.1:{port} {{")
+        text = text.replace("127.0.0.1:3010", upstream)
+        text = text.replace("/var/log/caddy/licensed-access.log", str(tmp_path / "access.log"))
+        config = tmp_path / "Caddyfile"
+        config.write_text(text, encoding="utf-8")
+        home = str(tmp_path)
+        env = {**os.environ, "HOME": home, "XDG_DATA_HOME": home, "XDG_CONFIG_HOME": home}
+        proc = subprocess.Popen(
+            [tool, "run", "--config", str(config), "--adapter", "caddyfile"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    requests.get(url + "/health", timeout=2)
+                    break
+                except requests.ConnectionError:
+                    assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
+                    assert time.monotonic() < deadline, "caddy did not start"
+                    time.sleep(0.1)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+
+def test_caddy_forwards_the_client_address_and_ignores_spoofing(caddy_in_front: str) -> None:
+    url = caddy_in_front
+    codes = [
+        requests.get(url + "/api/public/plans", headers={"X-Forwarded-For": f"203.0.113.{n}"}, timeout=10)
+        for n in range(3)
+    ]
+    # Caddy replaces the client's X-Forwarded-For with the real peer: one client, two requests a minute.
+    assert [c.status_code for c in codes] == [200, 200, 429]
+    assert codes[2].headers["Retry-After"]
+    assert codes[0].headers["X-Content-Type-Options"] == "nosniff"
+    assert "Server" not in codes[0].headers or "Caddy" not in codes[0].headers["Server"]
+    assert requests.get(url + "/metrics", timeout=10).status_code == 404
+    assert requests.get(url + "/health", timeout=10).json()["status"] == "ok"
+
+
+# --- cron ---------------------------------------------------------------------------------
+
+_FIELD = re.compile(r"^(\*|\d+(-\d+)?)(/\d+)?(,(\*|\d+(-\d+)?)(/\d+)?)*$")
+_RANGES = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))
+
+
+def cron_jobs() -> list[tuple[list[str], str, str]]:
+    """(time fields, user, command) of every job line; environment lines are checked too."""
+    jobs = []
+    for line in (DEPLOY / "licensed.cron").read_text(encoding="utf-8").splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if re.match(r"^[A-Z_]+=", line):
+            continue
+        parts = line.split(None, 6)
+        assert len(parts) == 7, f"not five fields, a user and a command: {line}"
+        jobs.append((parts[:5], parts[5], parts[6]))
+    return jobs
+
+
+def test_cron_lines_are_well_formed() -> None:
+    text = (DEPLOY / "licensed.cron").read_text(encoding="utf-8")
+    assert text.endswith("\n"), "cron ignores a last line without a newline"
+    jobs = cron_jobs()
+    assert jobs
+    for fields, user, command in jobs:
+        assert user == "licensed"
+        for field, (low, high) in zip(fields, _RANGES, strict=True):
+            assert _FIELD.match(field), field
+            for number in re.findall(r"(?<!/)\b\d+", field):
+                assert low <= int(number) <= high, field
+        # An unescaped % ends the command in cron.
+        assert not re.search(r"(?<!\\)%", command), command
+    commands = " | ".join(c for _, _, c in jobs)
+    for needed in ("reconcile", "reconcile --full", "mail flush", "backup /var/backups/licensed/", "-delete"):
+        assert needed in commands
+    assert re.search(r"\*/10 \* \* \* \*", text), "reconcile every 10 minutes"
+    assert "-mtime +13" in commands, "backups kept 14 days"
+
+
+def licensed_argvs() -> list[list[str]]:
+    found = []
+    for _, _, command in cron_jobs():
+        words = shlex.split(command.replace("\\%", "%"))
+        if BIN in words:
+            argv = words[words.index(BIN) + 1 :]
+            assert argv[:2] == ["--env-file", ENV_FILE]
+            found.append(argv)
+    return found
+
+
+@pytest.mark.parametrize("argv", licensed_argvs(), ids=lambda a: " ".join(a[2:4]))
+def test_cron_commands_parse(argv: list[str]) -> None:
+    """Each scheduled command is a valid ``licensed`` command line, once that command exists."""
+    parser = licensed._parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices or {}
+    if argv[2] not in commands:
+        pytest.skip(f"`licensed {argv[2]}` is not in this build yet")
+    args = parser.parse_args(argv)
+    assert args.env_file == Path(ENV_FILE)
+
+
+# --- install.sh ---------------------------------------------------------------------------
+
+
+def listing(root: Path) -> dict[str, tuple[int, int, int, int, int, str]]:
+    """Every path under ``root`` with its mode, owner, group, size, mtime and link target."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            path = Path(dirpath, name)
+            st = path.lstat()
+            target = os.readlink(path) if stat.S_ISLNK(st.st_mode) else ""
+            found[str(path.relative_to(root))] = (
+                st.st_mode,
+                st.st_uid,
+                st.st_gid,
+                st.st_size,
+                st.st_mtime_ns,
+                target,
+            )
+    return found
+
+
+def source_copy(where: Path) -> Path:
+    """The package's files only, as a release tarball would have them."""
+    where.mkdir()
+    shutil.copy(ROOT / "pyproject.toml", where)
+    shutil.copy(ROOT / "README.md", where)
+    for module in ROOT.glob("*.py"):
+        shutil.copy(module, where)
+    return where
+
+
+def install(root: Path, source: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", str(INSTALL), "--root", str(root), "--source", str(source), "--no-deps"],
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One install into a throwaway root, shared by the tests that inspect it."""
+    if shutil.which("bash") is None:
+        pytest.skip("bash is not installed")
+    base = tmp_path_factory.mktemp("install")
+    root = base / "root"
+    run = install(root, source_copy(base / "src"))
+    assert run.returncode == 0, run.stdout + run.stderr
+    return root
+
+
+def test_install_lays_out_the_files(installed: Path) -> None:
+    def mode(path: str) -> int:
+        return stat.S_IMODE((installed / path).stat().st_mode)
+
+    assert mode("var/lib/licensed") == 0o700
+    assert mode("var/backups/licensed") == 0o700
+    assert mode("etc/licensed") == 0o750
+    assert mode("etc/licensed/licensed.env") == 0o640
+    assert mode("etc/systemd/system/licensed.service") == 0o644
+    assert mode("etc/cron.d/licensed") == 0o644
+    assert mode("usr/local/sbin/licensedctl") == 0o755
+    for target, origin in [
+        ("etc/licensed/licensed.env", "licensed.env.example"),
+        ("etc/systemd/system/licensed.service", "licensed.service"),
+        ("etc/cron.d/licensed", "licensed.cron"),
+    ]:
+        assert (installed / target).read_bytes() == (DEPLOY / origin).read_bytes()
+    assert os.access(installed / BIN.lstrip("/"), os.X_OK)
+    site = list((installed / "opt/licensed/lib").glob("python3*/site-packages/licensed.py"))
+    assert site and site[0].read_bytes() == (ROOT / "licensed.py").read_bytes()
+
+
+def test_install_twice_changes_nothing(installed: Path, tmp_path: Path) -> None:
+    before = listing(installed)
+    run = install(installed, installed.parent / "src")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "nothing changed" in run.stdout
+    after = listing(installed)
+    changed = {p for p in before.keys() | after.keys() if before.get(p) != after.get(p)}
+    assert not changed, sorted(changed)[:20]
+
+
+def test_upgrade_installs_new_code_and_keeps_settings(installed: Path, tmp_path: Path) -> None:
+    # A copy, so the shared install stays as the first run left it.
+    installed = Path(shutil.copytree(installed, tmp_path / "root", symlinks=True))
+    env_file = installed / "etc/licensed/licensed.env"
+    env_file.write_text(env_file.read_text(encoding="utf-8") + "ADMIN_TOKEN=kept\n", encoding="utf-8")
+    edited = env_file.read_bytes()
+    source = source_copy(tmp_path / "src")
+    marker = "# upgraded build\n"
+    (source / "licensed.py").write_text((ROOT / "licensed.py").read_text(encoding="utf-8") + marker)
+    run = install(installed, source)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "installed licensed" in run.stdout
+    site = next((installed / "opt/licensed/lib").glob("python3*/site-packages/licensed.py"))
+    assert site.read_text(encoding="utf-8").endswith(marker)
+    assert env_file.read_bytes() == edited, "the settings file must never be overwritten"
+    again = install(installed, source)
+    assert "nothing changed" in again.stdout, again.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--bogus"], "unknown argument"),
+        (["--source", "/nonexistent/src"], "no such source"),
+        (["--source", str(DEPLOY / "Caddyfile")], "source tree or a .whl"),
+    ],
+)
+def test_install_refuses_bad_arguments(tmp_path: Path, args: list[str], message: str) -> None:
+    run = subprocess.run(
+        ["bash", str(INSTALL), "--root", str(tmp_path / "root"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode != 0
+    assert message in run.stderr
+    assert not (tmp_path / "root" / "opt").exists()
