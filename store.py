@@ -479,9 +479,7 @@ class Store:
 
     # --- outbox ---------------------------------------------------------------------
 
-    def enqueue_mail(
-        self, license_id: str, kind: str, to_addr: str, to_name: str | None, now: int
-    ) -> int:
+    def enqueue_mail(self, license_id: str, kind: str, to_addr: str, to_name: str | None, now: int) -> int:
         """Queue a message about a licence; call inside the transaction that changes it.
 
         Only the licence id and the kind of message are stored: the body, and
