@@ -28,12 +28,21 @@ def b64url_encode(data: bytes) -> str:
 
 
 def b64url_decode(text: str) -> bytes:
+    """Decode unpadded base64url, accepting only the one canonical spelling.
+
+    The last character of a segment may carry unused bits; without the
+    round-trip check, up to 16 different strings would decode to the same
+    signature, so a key could be altered and still verify.
+    """
     if not text or any(c not in _B64URL for c in text) or len(text) % 4 == 1:
         raise InvalidToken("bad base64url")
     try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError) as err:
         raise InvalidToken("bad base64url") from err
+    if b64url_encode(data) != text:
+        raise InvalidToken("non-canonical base64url")
+    return data
 
 
 _B64URL = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")

@@ -7,6 +7,7 @@ grace boundaries.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -188,8 +189,14 @@ def start_server(services: Services) -> tuple[Any, threading.Thread, str]:
 
 
 def stop_server(server: Any, thread: threading.Thread) -> None:
-    server.close()
+    # Closing from the serving thread wakes its select() at once (closing from here
+    # would leave it asleep for its 1 s poll timeout); then stop the worker threads.
+    # If the serving thread is already awake it may run the close before
+    # pull_trigger's own write to the (then closed) pipe, which then fails: harmless.
+    with contextlib.suppress(OSError):
+        server.trigger.pull_trigger(server.close)
     thread.join(timeout=5)
+    server.task_dispatcher.shutdown(timeout=5)
 
 
 @pytest.fixture
@@ -198,3 +205,22 @@ def live(services: Services, clock: FrozenClock) -> Iterator[Live]:
     with requests.Session() as http:
         yield Live(url=url, services=services, clock=clock, http=http)
     stop_server(server, thread)
+
+
+@pytest.fixture(scope="module")
+def module_live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    """One server for a whole module, for tests that neither move the clock nor
+    depend on what other tests stored (bad input, forgeries): each issues its own
+    licences. Saves a data dir, a migration and a server per test."""
+    data = tmp_path_factory.mktemp("module") / "data"
+    data.mkdir(mode=0o700)
+    (data / "plans.toml").write_text(TEST_PLANS, encoding="utf-8")
+    clock = FrozenClock()
+    config = Config(data_dir=data, app_base_url="http://licensed.test")
+    licensed.init_data_dir(config, int(clock()))
+    built = licensed.build_services(config, clock)
+    server, thread, url = start_server(built)
+    with requests.Session() as http:
+        yield Live(url=url, services=built, clock=clock, http=http)
+    stop_server(server, thread)
+    built.store.close()
