@@ -144,6 +144,18 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         );
         """,
     ),
+    (
+        "signers of re-issued keys",
+        # A licence re-issued under a new signing key leaves its old key in the
+        # customer's hands, valid offline until its exp: the old signer must stay
+        # in the JWKS until then (until NULL: a lifetime key, kept for good).
+        """
+        CREATE TABLE superseded_keys (
+            kid TEXT PRIMARY KEY,
+            until INTEGER
+        );
+        """,
+    ),
 )
 
 
@@ -403,6 +415,9 @@ class Store:
         self.execute(f"INSERT INTO licenses ({columns}) VALUES ({marks})", list(row.values()))
 
     def save_license(self, lic: License, now: int) -> None:
+        before = self.get_license(lic.id)
+        if before is not None and before.key_kid != lic.key_kid:
+            self.keep_signer(before.key_kid, before.expires_at)
         lic.updated_at = now
         row = lic.to_row()
         row.pop("id")
@@ -423,10 +438,20 @@ class Store:
         """Signing key ids that signed a licence key that has not yet expired."""
         rows = self.all(
             "SELECT DISTINCT key_kid FROM licenses WHERE lifetime = 1 OR paid_through IS NULL"
-            " OR paid_through + grace_days * 86400 > ?",
-            (now,),
+            " OR paid_through + grace_days * 86400 > ?"
+            " UNION SELECT kid FROM superseded_keys WHERE until IS NULL OR until > ?",
+            (now, now),
         )
         return {str(r[0]) for r in rows}
+
+    def keep_signer(self, kid: str, until: int | None) -> None:
+        """Remember that ``kid`` signed a key valid until ``until`` (None: for good)."""
+        self.execute(
+            "INSERT INTO superseded_keys (kid, until) VALUES (?, ?) ON CONFLICT (kid) DO UPDATE SET"
+            " until = CASE WHEN until IS NULL OR excluded.until IS NULL THEN NULL"
+            " ELSE MAX(until, excluded.until) END",
+            (kid, until),
+        )
 
     # --- machines ---------------------------------------------------------------
 
