@@ -473,6 +473,8 @@ def _cmd_admin(config: Config, args: argparse.Namespace, out: Callable[[str], No
             raise ConfigError(f"--email {args.email!r} is not an e-mail address")
         if args.days is not None and args.days < 1:
             raise ConfigError("--days must be at least 1")
+        if args.max_machines is not None and args.max_machines < 1:
+            raise ConfigError("--max-machines must be at least 1")
         now = services.now()
         lic = licensing.issue_license(
             services.store,
@@ -509,6 +511,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LicensedError as err:
         print(f"licensed: {err.message}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1
+    except OSError as err:
+        # A data dir that cannot be created or written, a port already taken...
+        print(f"licensed: {err}", file=sys.stderr)
+        return 1
 
 
 def trusted_client(remote: str, forwarded: str | None, trusted: Sequence[Any]) -> str:

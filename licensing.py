@@ -222,6 +222,9 @@ def issue_license(
         )
     if paid_through is not None and lifetime:
         raise ValidationFailed("a lifetime licence has no expiry")
+    if max_machines is not None and max_machines < 1:
+        # new_license reads 0 as "the plan's number"; a negative one breaks the schema.
+        raise ValidationFailed("max_machines must be at least 1")
     with store.atomic():
         customer_id = store.upsert_customer(now, email=email)
         lic = new_license(

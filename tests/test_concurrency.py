@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 import requests
-
 from conftest import Live
 from forge import claims_of, split_key
 
