@@ -11,12 +11,15 @@ logged and answered with a generic 500.
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime as dt
 import getpass
 import ipaddress
 import json
 import logging
+import logging.handlers
 import os
+import queue
 import re
 import sys
 import time
@@ -346,11 +349,41 @@ class OncePerInterval(logging.Filter):
         return False
 
 
+class _Enqueue(logging.handlers.QueueHandler):
+    """Hands records as they are to the writer thread (no copy, no formatting here)."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record
+
+
+_log_writer: logging.handlers.QueueListener | None = None
+
+
+def _stop_log_writer() -> None:
+    """Write out what is queued (registered with atexit)."""
+    if _log_writer is not None:
+        _log_writer.stop()
+
+
 def setup_logging(level: str) -> None:
+    """JSON lines on stderr, formatted and written by one background thread.
+
+    Request threads only enqueue their records. With the stream handler on the
+    request threads, every request's access line (format, write, flush) was
+    made under the handler's lock, and the worker threads queued up behind it.
+    """
+    global _log_writer
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    if _log_writer is None:
+        atexit.register(_stop_log_writer)
+    else:
+        _log_writer.stop()
+    _log_writer = logging.handlers.QueueListener(records, handler, respect_handler_level=True)
+    _log_writer.start()
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [_Enqueue(records)]
     root.setLevel(level)
     logging.getLogger("waitress.queue").addFilter(OncePerInterval(60.0))
 

@@ -273,23 +273,25 @@ class Licensing:
         self.issuer = issuer
         self.lease_ttl = lease_ttl_hours * 3600
 
-    def _load(self, req: LicenseRequest) -> tuple[License | None, dict[str, Any] | None]:
-        """The licence a key names, or the outcome that stops the request."""
+    def _load(
+        self, req: LicenseRequest
+    ) -> tuple[License, keys.ParsedKey, None] | tuple[None, None, dict[str, Any]]:
+        """The licence a key names (and the verified key), or the outcome that stops the request."""
         try:
             parsed = keys.parse_license_key(req.key, self.catalog, self.ring)
         except InvalidToken:
-            return None, {"valid": False, "code": INVALID_KEY}
+            return None, None, {"valid": False, "code": INVALID_KEY}
         if req.product is not None and req.product != parsed.product.id:
-            return None, {"valid": False, "code": PRODUCT_MISMATCH}
+            return None, None, {"valid": False, "code": PRODUCT_MISMATCH}
         lic = self.store.get_license(parsed.claims["sub"])
         if lic is None or lic.product != parsed.product.id:
-            return None, {"valid": False, "code": NOT_FOUND}
-        return lic, None
+            return None, None, {"valid": False, "code": NOT_FOUND}
+        return lic, parsed, None
 
     def check(self, req: LicenseRequest, now: int) -> dict[str, Any]:
         """Validate (and, with a machine id, activate when a seat is free)."""
-        lic, stop = self._load(req)
-        if lic is None:
+        lic, parsed, stop = self._load(req)
+        if lic is None or parsed is None:
             assert stop is not None
             return stop
         code = entitlement(lic, now)
@@ -309,9 +311,11 @@ class Licensing:
             "license": license_view(lic, self.store.count_machines(lic.id)),
         }
         if code in VALID_CODES:
-            current = license_key(lic, self.catalog, self.ring, self.issuer)
-            if current != req.key:
-                answer["key"] = current
+            # Signing is deterministic and only this server signs: a verified key
+            # with the row's claims and kid IS the current key, so it is re-derived
+            # (one Ed25519 signature) only when the entitlement has moved on.
+            if parsed.kid != lic.key_kid or parsed.claims != key_claims(lic, self.issuer):
+                answer["key"] = license_key(lic, self.catalog, self.ring, self.issuer)
             if activated and machine_hash is not None:
                 answer["lease"] = lease(lic, machine_hash, self.ring, self.issuer, self.lease_ttl, now)
         return answer
@@ -341,7 +345,7 @@ class Licensing:
             return True
 
     def deactivate(self, req: LicenseRequest, now: int) -> dict[str, Any]:
-        lic, stop = self._load(req)
+        lic, _parsed, stop = self._load(req)
         if lic is None:
             assert stop is not None
             return {**stop, "deactivated": False}
