@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import re
 from collections.abc import Callable, Mapping
@@ -58,10 +59,15 @@ def sign(claims: Mapping[str, Any], signing_key: nacl.signing.SigningKey, kid: s
     """Sign ``claims``; deterministic, so the same claims give the same token."""
     if not isinstance(claims.get("exp"), int):
         raise ValueError("exp is mandatory")
-    header = {"alg": ALGORITHM, "typ": "JWT", "kid": kid}
-    signing_input = f"{b64url_encode(_compact_json(header))}.{b64url_encode(_compact_json(claims))}"
+    signing_input = f"{_header_segment(kid)}.{b64url_encode(_compact_json(claims))}"
     signature = signing_key.sign(signing_input.encode("ascii")).signature
     return f"{signing_input}.{b64url_encode(signature)}"
+
+
+@functools.lru_cache(maxsize=64)
+def _header_segment(kid: str) -> str:
+    """The encoded header: the same for every token a key signs."""
+    return b64url_encode(_compact_json({"alg": ALGORITHM, "typ": "JWT", "kid": kid}))
 
 
 def verify(

@@ -6,7 +6,7 @@ time at the exact paid-through, grace and expiry boundaries.
 
 from __future__ import annotations
 
-import datetime as dt
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +50,7 @@ SEEN_WRITE_INTERVAL = 3600
 def iso(ts: int | None) -> str | None:
     if ts is None:
         return None
-    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def entitlement(lic: License, now: int) -> str:
@@ -296,19 +296,22 @@ class Licensing:
             return stop
         code = entitlement(lic, now)
         activated = False
+        machines_used: int | None = None
         machine_hash = keys.machine_hash(req.machine_id) if req.machine_id else None
         if code in VALID_CODES:
             if lic.key_kid != self.ring.current.kid:
                 lic = self._restamp(lic.id, now) or lic
             if machine_hash is not None:
-                activated = self._seat(lic, machine_hash, now)
+                activated, machines_used = self._seat(lic, machine_hash, now)
                 if not activated:
                     code = TOO_MANY_MACHINES
+        if machines_used is None:
+            machines_used = self.store.count_machines(lic.id)
         answer: dict[str, Any] = {
             "valid": code in VALID_CODES,
             "code": code,
             "activated": activated,
-            "license": license_view(lic, self.store.count_machines(lic.id)),
+            "license": license_view(lic, machines_used),
         }
         if code in VALID_CODES:
             # Signing is deterministic and only this server signs: a verified key
@@ -329,20 +332,23 @@ class Licensing:
                 self.store.save_license(lic, now)
         return lic
 
-    def _seat(self, lic: License, machine_hash: str, now: int) -> bool:
-        """Take a seat for the machine, or confirm it has one; never over the limit."""
-        seen = self.store.machine_seen_at(lic.id, machine_hash)
+    def _seat(self, lic: License, machine_hash: str, now: int) -> tuple[bool, int]:
+        """Take a seat for the machine, or confirm it has one; never over the limit.
+
+        Returns whether the machine has a seat, and how many seats are taken.
+        """
+        seen, used = self.store.machine_state(lic.id, machine_hash)
         if seen is not None and now - seen < SEEN_WRITE_INTERVAL:
-            return True
+            return True, used
         with self.store.atomic():
-            seen = self.store.machine_seen_at(lic.id, machine_hash)
+            seen, used = self.store.machine_state(lic.id, machine_hash)
             if seen is not None:
                 self.store.touch_machine(lic.id, machine_hash, now)
-                return True
-            if self.store.count_machines(lic.id) >= lic.max_machines:
-                return False
+                return True, used
+            if used >= lic.max_machines:
+                return False, used
             self.store.add_machine(lic.id, machine_hash, now)
-            return True
+            return True, used + 1
 
     def deactivate(self, req: LicenseRequest, now: int) -> dict[str, Any]:
         lic, _parsed, stop = self._load(req)

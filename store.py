@@ -444,15 +444,6 @@ class Store:
         )
         return {str(r[0]) for r in rows}
 
-    def keep_signer(self, kid: str, until: int | None) -> None:
-        """Remember that ``kid`` signed a key valid until ``until`` (None: for good)."""
-        self.execute(
-            "INSERT INTO superseded_keys (kid, until) VALUES (?, ?) ON CONFLICT (kid) DO UPDATE SET"
-            " until = CASE WHEN until IS NULL OR excluded.until IS NULL THEN NULL"
-            " ELSE MAX(until, excluded.until) END",
-            (kid, until),
-        )
-
     # --- machines ---------------------------------------------------------------
 
     def machine_hashes(self, license_id: str) -> list[str]:
@@ -539,6 +530,28 @@ class Store:
                 None if after is None else json.dumps(after, sort_keys=True),
             ),
         )
+
+    # --- core: signers of re-issued keys, one-read seat check -----------------------
+
+    def keep_signer(self, kid: str, until: int | None) -> None:
+        """Remember that ``kid`` signed a key valid until ``until`` (None: for good)."""
+        self.execute(
+            "INSERT INTO superseded_keys (kid, until) VALUES (?, ?) ON CONFLICT (kid) DO UPDATE SET"
+            " until = CASE WHEN until IS NULL OR excluded.until IS NULL THEN NULL"
+            " ELSE MAX(until, excluded.until) END",
+            (kid, until),
+        )
+
+    def machine_state(self, license_id: str, machine_hash: str) -> tuple[int | None, int]:
+        """The machine's ``last_seen_at`` (None: no seat) and the seats taken, in one read."""
+        row = self.one(
+            "SELECT MAX(CASE WHEN machine_hash = ? THEN last_seen_at END), COUNT(*)"
+            " FROM machines WHERE license_id = ?",
+            (machine_hash, license_id),
+        )
+        if row is None:
+            return None, 0
+        return (None if row[0] is None else int(row[0])), int(row[1])
 
 
 def _statements(script: str) -> list[str]:
