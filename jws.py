@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -28,15 +30,25 @@ def b64url_encode(data: bytes) -> str:
 
 
 def b64url_decode(text: str) -> bytes:
-    if not text or any(c not in _B64URL for c in text) or len(text) % 4 == 1:
+    """Decode unpadded base64url, accepting only the one canonical spelling.
+
+    The last character of a segment may carry unused bits; unless they are
+    zero, up to 16 different strings would decode to the same signature, so a
+    key could be altered and still verify.
+    """
+    if not _B64URL_TEXT.fullmatch(text) or len(text) % 4 == 1:
         raise InvalidToken("bad base64url")
+    unused_bits = {2: 0b1111, 3: 0b11}.get(len(text) % 4, 0)
+    if _B64URL_ALPHABET.index(text[-1]) & unused_bits:
+        raise InvalidToken("non-canonical base64url")
     try:
         return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError) as err:
         raise InvalidToken("bad base64url") from err
 
 
-_B64URL = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+_B64URL_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_B64URL_TEXT = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def _compact_json(value: Mapping[str, Any]) -> bytes:
@@ -47,10 +59,15 @@ def sign(claims: Mapping[str, Any], signing_key: nacl.signing.SigningKey, kid: s
     """Sign ``claims``; deterministic, so the same claims give the same token."""
     if not isinstance(claims.get("exp"), int):
         raise ValueError("exp is mandatory")
-    header = {"alg": ALGORITHM, "typ": "JWT", "kid": kid}
-    signing_input = f"{b64url_encode(_compact_json(header))}.{b64url_encode(_compact_json(claims))}"
+    signing_input = f"{_header_segment(kid)}.{b64url_encode(_compact_json(claims))}"
     signature = signing_key.sign(signing_input.encode("ascii")).signature
     return f"{signing_input}.{b64url_encode(signature)}"
+
+
+@functools.lru_cache(maxsize=64)
+def _header_segment(kid: str) -> str:
+    """The encoded header: the same for every token a key signs."""
+    return b64url_encode(_compact_json({"alg": ALGORITHM, "typ": "JWT", "kid": kid}))
 
 
 def verify(

@@ -238,6 +238,10 @@ def parse_license_key(key: str, catalog: Catalog, ring: KeyRing) -> ParsedKey:
         raise InvalidToken("key text does not match its claims")
     if not isinstance(claims.get("sub"), str) or not claims["sub"]:
         raise InvalidToken("sub missing")
+    # Leases are signed by the same keys and carry sub/prod/tier too: a key has
+    # ``max`` and never ``mid``, so a lease cannot pass for a license key.
+    if "mid" in claims or not isinstance(claims.get("max"), int):
+        raise InvalidToken("not a license key")
     return ParsedKey(product=product, tier=tier, kid=header["kid"], claims=claims)
 
 

@@ -11,11 +11,14 @@ logged and answered with a generic 500.
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime as dt
 import getpass
 import json
 import logging
+import logging.handlers
 import os
+import queue
 import re
 import signal
 import sys
@@ -395,12 +398,53 @@ class OncePerInterval(logging.Filter):
         return False
 
 
+class _Enqueue(logging.handlers.QueueHandler):
+    """Formats (and redacts) on the logging thread, where the request's context is;
+    the writer thread only writes the finished line."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        assert self.formatter is not None
+        line = self.formatter.format(record)
+        return logging.makeLogRecord({"msg": line, "levelno": record.levelno, "levelname": record.levelname})
+
+
+_log_writer: logging.handlers.QueueListener | None = None
+
+
+def _stop_log_writer() -> None:
+    """Write out what is queued (registered with atexit)."""
+    if _log_writer is not None:
+        _log_writer.stop()
+
+
 def setup_logging(level: str, secrets: Sequence[str] = ()) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter(secrets))
+    """JSON lines on stderr, written by one background thread.
+
+    Request threads format and enqueue their records. With the stream handler
+    on the request threads, every request's access line was written and
+    flushed under the handler's lock, and the worker threads queued up behind it.
+    """
+    global _log_writer
+    writer = logging.StreamHandler(sys.stderr)
+    writer.setFormatter(logging.Formatter("%(message)s"))
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    if _log_writer is None:
+        atexit.register(_stop_log_writer)
+    else:
+        _log_writer.stop()
+    _log_writer = logging.handlers.QueueListener(records, writer)
+    _log_writer.start()
+    enqueue = _Enqueue(records)
+    enqueue.setFormatter(JsonFormatter(secrets))
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [enqueue]
     root.setLevel(level)
+    # JsonFormatter writes none of these: skip collecting them for every record
+    # (the logging HOWTO's own advice for speed).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     logging.getLogger("waitress.queue").addFilter(OncePerInterval(60.0))
 
 
@@ -556,6 +600,8 @@ def _cmd_admin(config: Config, args: argparse.Namespace, out: Callable[[str], No
             raise ConfigError(f"--email {args.email!r} is not an e-mail address")
         if args.days is not None and args.days < 1:
             raise ConfigError("--days must be at least 1")
+        if args.max_machines is not None and args.max_machines < 1:
+            raise ConfigError("--max-machines must be at least 1")
         now = services.now()
         lic = licensing.issue_license(
             services.store,
@@ -662,6 +708,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LicensedError as err:
         print(f"licensed: {err.message}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1
+    except OSError as err:
+        # A data dir that cannot be created or written, a port already taken...
+        print(f"licensed: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

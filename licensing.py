@@ -6,7 +6,7 @@ time at the exact paid-through, grace and expiry boundaries.
 
 from __future__ import annotations
 
-import datetime as dt
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +51,7 @@ SEEN_WRITE_INTERVAL = 3600
 def iso(ts: int | None) -> str | None:
     if ts is None:
         return None
-    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def entitlement(lic: License, now: int) -> str:
@@ -233,6 +233,9 @@ def issue_license(
         )
     if paid_through is not None and lifetime:
         raise ValidationFailed("a lifetime licence has no expiry")
+    if max_machines is not None and max_machines < 1:
+        # new_license reads 0 as "the plan's number"; a negative one breaks the schema.
+        raise ValidationFailed("max_machines must be at least 1")
     with store.atomic():
         customer_id = store.upsert_customer(now, email=email, name=name)
         lic = new_license(
@@ -287,45 +290,52 @@ class Licensing:
         """The licence's current key, re-derived from its row."""
         return license_key(lic, self.catalog, self.ring, self.issuer)
 
-    def _load(self, req: LicenseRequest) -> tuple[License | None, dict[str, Any] | None]:
-        """The licence a key names, or the outcome that stops the request."""
+    def _load(
+        self, req: LicenseRequest
+    ) -> tuple[License, keys.ParsedKey, None] | tuple[None, None, dict[str, Any]]:
+        """The licence a key names (and the verified key), or the outcome that stops the request."""
         try:
             parsed = keys.parse_license_key(req.key, self.catalog, self.ring)
         except InvalidToken:
-            return None, {"valid": False, "code": INVALID_KEY}
+            return None, None, {"valid": False, "code": INVALID_KEY}
         if req.product is not None and req.product != parsed.product.id:
-            return None, {"valid": False, "code": PRODUCT_MISMATCH}
+            return None, None, {"valid": False, "code": PRODUCT_MISMATCH}
         lic = self.store.get_license(parsed.claims["sub"])
         if lic is None or lic.product != parsed.product.id:
-            return None, {"valid": False, "code": NOT_FOUND}
-        return lic, None
+            return None, None, {"valid": False, "code": NOT_FOUND}
+        return lic, parsed, None
 
     def check(self, req: LicenseRequest, now: int) -> dict[str, Any]:
         """Validate (and, with a machine id, activate when a seat is free)."""
-        lic, stop = self._load(req)
-        if lic is None:
+        lic, parsed, stop = self._load(req)
+        if lic is None or parsed is None:
             assert stop is not None
             return stop
         code = entitlement(lic, now)
         activated = False
+        machines_used: int | None = None
         machine_hash = keys.machine_hash(req.machine_id) if req.machine_id else None
         if code in VALID_CODES:
             if lic.key_kid != self.ring.current.kid:
                 lic = self._restamp(lic.id, now) or lic
             if machine_hash is not None:
-                activated = self._seat(lic, machine_hash, now)
+                activated, machines_used = self._seat(lic, machine_hash, now)
                 if not activated:
                     code = TOO_MANY_MACHINES
+        if machines_used is None:
+            machines_used = self.store.count_machines(lic.id)
         answer: dict[str, Any] = {
             "valid": code in VALID_CODES,
             "code": code,
             "activated": activated,
-            "license": license_view(lic, self.store.count_machines(lic.id)),
+            "license": license_view(lic, machines_used),
         }
         if code in VALID_CODES:
-            current = license_key(lic, self.catalog, self.ring, self.issuer)
-            if current != req.key:
-                answer["key"] = current
+            # Signing is deterministic and only this server signs: a verified key
+            # with the row's claims and kid IS the current key, so it is re-derived
+            # (one Ed25519 signature) only when the entitlement has moved on.
+            if parsed.kid != lic.key_kid or parsed.claims != key_claims(lic, self.issuer):
+                answer["key"] = license_key(lic, self.catalog, self.ring, self.issuer)
             if activated and machine_hash is not None:
                 answer["lease"] = lease(lic, machine_hash, self.ring, self.issuer, self.lease_ttl, now)
         return answer
@@ -339,23 +349,26 @@ class Licensing:
                 self.store.save_license(lic, now)
         return lic
 
-    def _seat(self, lic: License, machine_hash: str, now: int) -> bool:
-        """Take a seat for the machine, or confirm it has one; never over the limit."""
-        seen = self.store.machine_seen_at(lic.id, machine_hash)
+    def _seat(self, lic: License, machine_hash: str, now: int) -> tuple[bool, int]:
+        """Take a seat for the machine, or confirm it has one; never over the limit.
+
+        Returns whether the machine has a seat, and how many seats are taken.
+        """
+        seen, used = self.store.machine_state(lic.id, machine_hash)
         if seen is not None and now - seen < SEEN_WRITE_INTERVAL:
-            return True
+            return True, used
         with self.store.atomic():
-            seen = self.store.machine_seen_at(lic.id, machine_hash)
+            seen, used = self.store.machine_state(lic.id, machine_hash)
             if seen is not None:
                 self.store.touch_machine(lic.id, machine_hash, now)
-                return True
-            if self.store.count_machines(lic.id) >= lic.max_machines:
-                return False
+                return True, used
+            if used >= lic.max_machines:
+                return False, used
             self.store.add_machine(lic.id, machine_hash, now)
-            return True
+            return True, used + 1
 
     def deactivate(self, req: LicenseRequest, now: int) -> dict[str, Any]:
-        lic, stop = self._load(req)
+        lic, _parsed, stop = self._load(req)
         if lic is None:
             assert stop is not None
             return {**stop, "deactivated": False}

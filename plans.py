@@ -149,13 +149,25 @@ def parse_catalog(raw: dict[str, Any], source: str = "plans") -> Catalog:
     products = {pid: reader.product(pid, t) for pid, t in reader.table(raw, "products").items()}
     if not products:
         raise ConfigError(f"{source}: at least one [products.<id>] is required")
-    prefixes = [p.key_prefix for p in products.values()]
-    if len(set(prefixes)) != len(prefixes):
-        raise ConfigError(f"{source}: two products share a key_prefix")
+    by_prefix: dict[str, str] = {}
+    for product in products.values():
+        if product.key_prefix in by_prefix:
+            raise ConfigError(
+                f"{source}: products.{by_prefix[product.key_prefix]} and products.{product.id}"
+                f" share the key_prefix {product.key_prefix!r}"
+            )
+        by_prefix[product.key_prefix] = product.id
     plans = {pid: reader.plan(pid, t, products) for pid, t in reader.table(raw, "plans").items()}
-    prices = [p.stripe_price for p in plans.values() if p.stripe_price]
-    if len(set(prices)) != len(prices):
-        raise ConfigError(f"{source}: one Stripe price maps to two plans")
+    by_price: dict[str, str] = {}
+    for plan in plans.values():
+        if plan.stripe_price is None:
+            continue
+        if plan.stripe_price in by_price:
+            raise ConfigError(
+                f"{source}: plans.{by_price[plan.stripe_price]} and plans.{plan.id}"
+                f" share the stripe_price {plan.stripe_price!r}"
+            )
+        by_price[plan.stripe_price] = plan.id
     return Catalog(products=products, plans=plans)
 
 

@@ -173,6 +173,18 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         CREATE INDEX customer_identities_sub ON customer_identities (oidc_sub);
         """,
     ),
+    (
+        "signers of re-issued keys",
+        # A licence re-issued under a new signing key leaves its old key in the
+        # customer's hands, valid offline until its exp: the old signer must stay
+        # in the JWKS until then (until NULL: a lifetime key, kept for good).
+        """
+        CREATE TABLE superseded_keys (
+            kid TEXT PRIMARY KEY,
+            until INTEGER
+        );
+        """,
+    ),
 )
 
 
@@ -434,6 +446,9 @@ class Store:
         self.execute(f"INSERT INTO licenses ({columns}) VALUES ({marks})", list(row.values()))
 
     def save_license(self, lic: License, now: int) -> None:
+        before = self.get_license(lic.id)
+        if before is not None and before.key_kid != lic.key_kid:
+            self.keep_signer(before.key_kid, before.expires_at)
         lic.updated_at = now
         row = lic.to_row()
         row.pop("id")
@@ -454,8 +469,9 @@ class Store:
         """Signing key ids that signed a licence key that has not yet expired."""
         rows = self.all(
             "SELECT DISTINCT key_kid FROM licenses WHERE lifetime = 1 OR paid_through IS NULL"
-            " OR paid_through + grace_days * 86400 > ?",
-            (now,),
+            " OR paid_through + grace_days * 86400 > ?"
+            " UNION SELECT kid FROM superseded_keys WHERE until IS NULL OR until > ?",
+            (now, now),
         )
         return {str(r[0]) for r in rows}
 
@@ -692,6 +708,28 @@ class Store:
         """``created_at`` of the oldest mail still waiting to go out, if any."""
         row = self.one("SELECT MIN(created_at) FROM outbox WHERE status IN ('pending', 'sending')")
         return int(row[0]) if row and row[0] is not None else None
+
+    # --- core: signers of re-issued keys, one-read seat check -----------------------
+
+    def keep_signer(self, kid: str, until: int | None) -> None:
+        """Remember that ``kid`` signed a key valid until ``until`` (None: for good)."""
+        self.execute(
+            "INSERT INTO superseded_keys (kid, until) VALUES (?, ?) ON CONFLICT (kid) DO UPDATE SET"
+            " until = CASE WHEN until IS NULL OR excluded.until IS NULL THEN NULL"
+            " ELSE MAX(until, excluded.until) END",
+            (kid, until),
+        )
+
+    def machine_state(self, license_id: str, machine_hash: str) -> tuple[int | None, int]:
+        """The machine's ``last_seen_at`` (None: no seat) and the seats taken, in one read."""
+        row = self.one(
+            "SELECT MAX(CASE WHEN machine_hash = ? THEN last_seen_at END), COUNT(*)"
+            " FROM machines WHERE license_id = ?",
+            (machine_hash, license_id),
+        )
+        if row is None:
+            return None, 0
+        return (None if row[0] is None else int(row[0])), int(row[1])
 
 
 def _statements(script: str) -> list[str]:

@@ -256,3 +256,23 @@ def restartable(services: Services, clock: FrozenClock) -> Iterator[Restartable]
         handle = Restartable(url=running.url, services=services, clock=clock, http=http, running=running)
         yield handle
         handle.stop()
+
+
+@pytest.fixture(scope="module")
+def module_live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    """One server for a whole module, for tests that neither move the clock nor
+    depend on what other tests stored (bad input, forgeries): each issues its own
+    licences. Saves a data dir, a migration and a server per test."""
+    data = tmp_path_factory.mktemp("module") / "data"
+    data.mkdir(mode=0o700)
+    (data / "plans.toml").write_text(TEST_PLANS, encoding="utf-8")
+    clock = FrozenClock()
+    # Hundreds of requests from one address: the rate limiter has tests of its own.
+    config = Config(data_dir=data, app_base_url="http://licensed.test", rate_limit_per_minute=0)
+    licensed.init_data_dir(config, int(clock()))
+    built = licensed.build_services(config, clock)
+    running = start_server(built)
+    with requests.Session() as http:
+        yield Live(url=running.url, services=built, clock=clock, http=http)
+    running.stop()
+    built.store.close()
