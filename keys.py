@@ -203,11 +203,54 @@ def machine_hash(machine_id: str) -> str:
     return hashlib.sha256(machine_id.encode("utf-8")).hexdigest()
 
 
+class BoundedCache:
+    """A dict that forgets everything once it holds ``size`` entries: O(1), no lock needed
+    beyond the dict's own atomic operations, and memory stays bounded."""
+
+    def __init__(self, size: int = 10_000) -> None:
+        self.size = size
+        self._data: dict[Any, Any] = {}
+
+    def get(self, key: Any) -> Any:
+        return self._data.get(key)
+
+    def put(self, key: Any, value: Any) -> None:
+        if len(self._data) >= self.size:
+            self._data.clear()
+        self._data[key] = value
+
+
+_signed = BoundedCache()
+"""Ed25519 is deterministic: the same claims and key always give the same token."""
+_verified = BoundedCache()
+"""Tokens whose signature already verified, exactly as presented. Only the
+signature check is skipped: the licence row is still read for every request."""
+
+
 def sign_claims(ring: KeyRing, claims: dict[str, Any], kid: str | None = None) -> str:
     key = ring.get(kid) if kid else ring.current
     if key is None:
         raise InvalidToken("signing key is gone")
-    return jws.sign(claims, key.key, key.kid)
+    memo = (key.kid, json.dumps(claims, sort_keys=True, separators=(",", ":")))
+    token: str | None = _signed.get(memo)
+    if token is None:
+        token = jws.sign(claims, key.key, key.kid)
+        _signed.put(memo, token)
+    return token
+
+
+def verify_token(token: str, ring: KeyRing) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``jws.verify`` against the ring, remembering tokens that verified.
+
+    A remembered token still needs its signing key in the ring, so a key taken
+    out of the ring stops verifying what it signed.
+    """
+    known = _verified.get(token)
+    if known is not None and ring.get(known[0]["kid"]) is not None:
+        return dict(known[0]), dict(known[1])
+    header, claims = jws.verify(token, ring.verify_key)
+    _verified.put(token, (dict(header), dict(claims)))
+    return header, claims
 
 
 def format_license_key(prefix: str, tier: str, token: str) -> str:
@@ -233,7 +276,7 @@ def parse_license_key(key: str, catalog: Catalog, ring: KeyRing) -> ParsedKey:
     tier, sep, token = rest.partition("-")
     if not sep or not tier:
         raise InvalidToken("tier missing")
-    header, claims = jws.verify(token, ring.verify_key)
+    header, claims = verify_token(token, ring)
     if claims.get("prod") != product.id or claims.get("tier") != tier:
         raise InvalidToken("key text does not match its claims")
     if not isinstance(claims.get("sub"), str) or not claims["sub"]:

@@ -14,6 +14,7 @@ import argparse
 import atexit
 import datetime as dt
 import getpass
+import itertools
 import json
 import logging
 import logging.handlers
@@ -339,11 +340,17 @@ def _int_or_none(value: str | None) -> int | None:
     return int(value) if value and value.isdigit() else None
 
 
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_request_numbers = itertools.count(1)
+_PROCESS_TAG = os.urandom(4).hex()
+
+
 def _request_id(environ: dict[str, Any]) -> str:
-    given = str(environ.get("HTTP_X_REQUEST_ID") or "")
-    if re.fullmatch(r"[A-Za-z0-9._-]{1,64}", given):
-        return given
-    return os.urandom(8).hex()
+    """The caller's ``X-Request-Id`` when well-formed, else this process's tag and a counter."""
+    given = environ.get("HTTP_X_REQUEST_ID")
+    if given and _REQUEST_ID.fullmatch(given):
+        return str(given)
+    return f"{_PROCESS_TAG}-{next(_request_numbers):x}"
 
 
 # --- logging --------------------------------------------------------------------------

@@ -1,0 +1,48 @@
+"""The signing and verification memos change no answer, only the work done."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import jws
+import keys
+import licensing
+from errors import InvalidToken
+from services import Services
+
+
+def test_a_remembered_key_needs_its_signer_in_the_ring(services: Services, tmp_path: Path) -> None:
+    lic = licensing.issue_license(
+        services.store,
+        services.ring,
+        services.catalog.plans["pro-year"],
+        email="a@example.com",
+        now=services.now(),
+        actor="test",
+    )
+    key = licensing.license_key(lic, services.catalog, services.ring, services.config.app_base_url)
+    assert keys.parse_license_key(key, services.catalog, services.ring).claims["sub"] == lic.id
+    assert keys.parse_license_key(key, services.catalog, services.ring).claims["sub"] == lic.id  # remembered
+    keys.create_key(tmp_path / "other")
+    stranger = keys.KeyRing(tmp_path / "other")
+    with pytest.raises(InvalidToken):
+        keys.parse_license_key(key, services.catalog, stranger)
+
+
+def test_remembered_signatures_equal_fresh_ones(services: Services) -> None:
+    claims = {"sub": "lic_x", "mid": "m", "exp": 2_000_000_000, "iat": 1}
+    first = keys.sign_claims(services.ring, claims)
+    again = keys.sign_claims(services.ring, dict(claims))
+    current = services.ring.current
+    assert first == again == jws.sign(claims, current.key, current.kid)
+    assert keys.sign_claims(services.ring, {**claims, "exp": 2_000_000_001}) != first
+
+
+def test_the_memo_is_bounded() -> None:
+    memo = keys.BoundedCache(size=3)
+    for number in range(10):
+        memo.put(number, number)
+        assert len(memo._data) <= 3
+    assert memo.get(9) == 9
