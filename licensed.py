@@ -11,15 +11,12 @@ logged and answered with a generic 500.
 from __future__ import annotations
 
 import argparse
-import atexit
 import datetime as dt
 import getpass
 import itertools
 import json
 import logging
-import logging.handlers
 import os
-import queue
 import re
 import signal
 import sys
@@ -368,17 +365,28 @@ class JsonFormatter(logging.Formatter):
     def __init__(self, secrets: Sequence[str] = ()) -> None:
         super().__init__()
         self.redactor = redact.Redactor(secrets)
+        self._stamp = (-1, "")
+
+    def _second(self, seconds: int) -> str:
+        """ISO 8601 up to the second, computed once per second."""
+        cached_at, text = self._stamp
+        if cached_at != seconds:
+            text = dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            self._stamp = (seconds, text)
+        return text
 
     def format(self, record: logging.LogRecord) -> str:
+        seconds = int(record.created)
         entry: dict[str, Any] = {
-            "ts": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
+            "ts": f"{self._second(seconds)}.{int((record.created - seconds) * 1000):03d}+00:00",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for name, value in vars(record).items():
-            if name not in self._STANDARD and not name.startswith("_"):
-                entry[name] = value
+        fields = vars(record)
+        for name in fields.keys() - self._STANDARD:
+            if not name.startswith("_"):
+                entry[name] = fields[name]
         if record.exc_info:
             entry["trace"] = self.formatException(record.exc_info)
         return json.dumps(self.redactor.clean(entry), default=str)
@@ -405,46 +413,50 @@ class OncePerInterval(logging.Filter):
         return False
 
 
-class _Enqueue(logging.handlers.QueueHandler):
-    """Formats (and redacts) on the logging thread, where the request's context is;
-    the writer thread only writes the finished line."""
+class LineHandler(logging.Handler):
+    """Writes each formatted record as one line with one ``write(2)``, without a lock.
 
-    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        assert self.formatter is not None
-        line = self.formatter.format(record)
-        return logging.makeLogRecord({"msg": line, "levelno": record.levelno, "levelname": record.levelname})
+    Formatting (and redaction) runs on the logging thread, where the request's
+    context is, and in parallel; a single write of a whole line to stderr
+    needs no lock (lines up to PIPE_BUF are atomic on a pipe). The standard
+    StreamHandler formats, writes and flushes under one lock, and the request
+    threads queued up behind it.
+    """
 
+    def __init__(self, stream: Any = None) -> None:
+        super().__init__()
+        self.stream = stream if stream is not None else sys.stderr
+        try:
+            self.fd: int | None = self.stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            self.fd = None
 
-_log_writer: logging.handlers.QueueListener | None = None
+    def handle(self, record: logging.LogRecord) -> bool:
+        if not self.filter(record):
+            return False
+        self.emit(record)
+        return True
 
-
-def _stop_log_writer() -> None:
-    """Write out what is queued (registered with atexit)."""
-    if _log_writer is not None:
-        _log_writer.stop()
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+            if self.fd is None:
+                self.stream.write(line)
+                return
+            data = line.encode("utf-8", "replace")
+            while data:
+                written = os.write(self.fd, data)
+                data = data[written:]
+        except Exception:
+            self.handleError(record)
 
 
 def setup_logging(level: str, secrets: Sequence[str] = ()) -> None:
-    """JSON lines on stderr, written by one background thread.
-
-    Request threads format and enqueue their records. With the stream handler
-    on the request threads, every request's access line was written and
-    flushed under the handler's lock, and the worker threads queued up behind it.
-    """
-    global _log_writer
-    writer = logging.StreamHandler(sys.stderr)
-    writer.setFormatter(logging.Formatter("%(message)s"))
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    if _log_writer is None:
-        atexit.register(_stop_log_writer)
-    else:
-        _log_writer.stop()
-    _log_writer = logging.handlers.QueueListener(records, writer)
-    _log_writer.start()
-    enqueue = _Enqueue(records)
-    enqueue.setFormatter(JsonFormatter(secrets))
+    """JSON lines on stderr, masked by :class:`JsonFormatter`, written by :class:`LineHandler`."""
+    handler = LineHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter(secrets))
     root = logging.getLogger()
-    root.handlers[:] = [enqueue]
+    root.handlers[:] = [handler]
     root.setLevel(level)
     # JsonFormatter writes none of these: skip collecting them for every record
     # (the logging HOWTO's own advice for speed).

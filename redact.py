@@ -68,8 +68,17 @@ def is_sensitive_name(name: str) -> bool:
 
 def redact_text(text: str, literals: Iterable[str] = ()) -> str:
     """``text`` with every secret-shaped run and every literal replaced by the mask."""
-    for value in sorted(set(literals), key=len, reverse=True):
-        if value and value in text:
+    return _redact(text, _longest_first(literals))
+
+
+def _longest_first(literals: Iterable[str]) -> tuple[str, ...]:
+    """Longer literals first, so one containing another is masked whole."""
+    return tuple(sorted({v for v in literals if v}, key=len, reverse=True))
+
+
+def _redact(text: str, literals: tuple[str, ...]) -> str:
+    for value in literals:
+        if value in text:
             text = text.replace(value, MASK)
     if _SUSPECT.search(text):
         for pattern, replacement in _PATTERNS:
@@ -112,17 +121,25 @@ class Redactor:
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         self.secrets = tuple(s for s in secrets if s)
+        self._secrets_ordered = _longest_first(self.secrets)
 
     def clean(self, value: Any, name: str | None = None) -> Any:
-        return self._clean(value, name, (*self.secrets, *_request_values.get()))
+        request = _request_values.get()
+        literals = _longest_first((*self.secrets, *request)) if request else self._secrets_ordered
+        return self._clean(value, name, literals)
 
     def _clean(self, value: Any, name: str | None, literals: tuple[str, ...]) -> Any:
         if name is not None and is_sensitive_name(name) and value not in (None, "", [], {}):
             return MASK
+        kind = type(value)
+        if kind is str:
+            return _redact(value, literals)
+        if value is None or kind is int or kind is float or kind is bool:
+            return value
         if isinstance(value, Mapping):
             return {str(k): self._clean(v, str(k), literals) for k, v in value.items()}
         if isinstance(value, list | tuple | set | frozenset):
             return [self._clean(v, None, literals) for v in value]
-        if value is None or isinstance(value, bool | int | float):
+        if isinstance(value, bool | int | float):
             return value
-        return redact_text(str(value), literals)
+        return _redact(str(value), literals)
