@@ -28,8 +28,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import stripe
-
 import auth
 import keys
 import licensing
@@ -154,6 +152,11 @@ class StripeGateway:
     def __init__(
         self, secret_key: str, api_base: str | None = None, sleep: Callable[[float], None] = time.sleep
     ) -> None:
+        # Imported here: the library takes a quarter of a second to import, and a
+        # server without Stripe keys (or one that only validates) never needs it.
+        import stripe
+
+        self._stripe = stripe
         http = stripe.new_default_http_client(timeout=STRIPE_TIMEOUT)
         bases: Any = {"api": api_base} if api_base else None
         self.client = stripe.StripeClient(
@@ -177,6 +180,7 @@ class StripeGateway:
         raise AssertionError("unreachable")
 
     def _request_once(self, method: str, path: str, **params: Any) -> dict[str, Any]:
+        stripe = self._stripe
         self.calls += 1
         try:
             response = self.client.raw_request(method, path, **params)
