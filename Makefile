@@ -35,6 +35,9 @@ test: lint tests/node/node_modules/.installed clients/node/node_modules/.install
 
 bench: $(VENV)/.test
 	$(PY) bench/validate.py
+	$(PY) bench/webhooks.py
+	$(PY) bench/reconcile.py
+	$(PY) bench/startup.py
 
 clean:
 	rm -rf $(VENV) tests/node/node_modules clients/node/node_modules
