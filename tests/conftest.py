@@ -188,8 +188,16 @@ def start_server(services: Services) -> tuple[Any, threading.Thread, str]:
 
 
 def stop_server(server: Any, thread: threading.Thread) -> None:
-    server.close()
+    """Close every socket from inside the server's own loop, so the loop ends at once.
+
+    Closing them from this thread races the loop's select() (EBADF) and waits
+    out its one-second poll timeout, or longer while a keep-alive channel lives.
+    """
+    from waitress import wasyncore
+
+    server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))
     thread.join(timeout=5)
+    server.task_dispatcher.shutdown()
 
 
 @pytest.fixture
