@@ -21,7 +21,8 @@ import hmac
 import json
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
+from contextlib import ExitStack
 from typing import Any
 
 import keys
@@ -620,9 +621,28 @@ def _export_row(table: str, row: dict[str, Any]) -> dict[str, Any]:
     return {k: scrub(v) for k, v in row.items()}
 
 
-def export(services: Services, actor: str, now: int, chunk_rows: int = 200) -> Iterator[bytes]:
-    """The database as one JSON document, produced in chunks from one consistent snapshot."""
-    with services.store.snapshot() as snap:
+class Export:
+    """The database as one JSON document, produced in chunks from one consistent snapshot.
+
+    A WSGI body: the snapshot is opened here, so a database that cannot be read
+    still gets a JSON error answer; ``close()`` (called by the server, even for
+    a client that went away) releases it.
+    """
+
+    def __init__(self, services: Services, actor: str, now: int, chunk_rows: int = 200) -> None:
+        self._stack = ExitStack()
+        self._snap = self._stack.enter_context(services.store.snapshot())
+        self._chunks = self._generate(actor, now, chunk_rows)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._chunks
+
+    def close(self) -> None:
+        self._chunks.close()
+        self._stack.close()
+
+    def _generate(self, actor: str, now: int, chunk_rows: int) -> Generator[bytes, None, None]:
+        snap = self._snap
         present = snap.tables()
         head = {"exported_at": _iso(now), "exported_by": actor}
         yield json.dumps(head)[:-1].encode() + b',"tables":{'
@@ -644,6 +664,14 @@ def export(services: Services, actor: str, now: int, chunk_rows: int = 200) -> I
             yield b"]"
         others = {t: snap.count(t) for t in present if t not in EXPORT_TABLES}
         yield b'},"not_exported":' + json.dumps(others).encode() + b"}"
+        self._stack.close()
+
+
+def export(services: Services, actor: str, now: int, chunk_rows: int = 200) -> Export:
+    """Export the store (a bulk read of personal data, so it goes on record too)."""
+    with services.store.atomic():
+        services.store.audit(now, actor, "store.export", None)
+    return Export(services, actor, now, chunk_rows)
 
 
 # --- HTTP -------------------------------------------------------------------------------------
