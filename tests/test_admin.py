@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,14 +25,18 @@ import nacl.encoding
 import pytest
 import requests
 from conftest import DAY, T0, Live
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import admin
 import keys
 import licensed
 import licensing
 from config import Config
+from errors import Unauthorized
 from services import Services
 from store import Store
+from web import Request
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "adm_9f8e7d6c5b4a39281706f5e4d3c2b1a0"
@@ -922,3 +927,52 @@ def test_export_is_one_json_document_in_many_chunks(services: Services) -> None:
 )
 def test_scrub(value: Any, expected: Any) -> None:
     assert admin.scrub(value) == expected
+
+
+# --- invariants over all inputs --------------------------------------------------------------------
+
+_HEADER_TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF), max_size=80)
+
+
+@settings(max_examples=300, deadline=None)
+@given(presented=_HEADER_TEXT)
+def test_the_guard_admits_exactly_the_configured_token(presented: str) -> None:
+    guard = admin.bearer_guard(lambda: ADMIN_TOKEN, "ADMIN_DISABLED", "ADMIN_TOKEN")
+    environ = {"REQUEST_METHOD": "GET", "HTTP_AUTHORIZATION": f"Bearer {presented}"}
+    request = Request(environ, {}, 0)
+    if presented.strip() == ADMIN_TOKEN:
+        guard(request)
+    else:
+        with pytest.raises(Unauthorized):
+            guard(request)
+
+
+def _containers(value: Any) -> Iterator[list[Any] | dict[str, Any]]:
+    if isinstance(value, list | dict):
+        yield value
+        for item in value.values() if isinstance(value, dict) else value:
+            yield from _containers(item)
+
+
+_JSONISH = st.recursive(
+    st.none() | st.integers() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(document=_JSONISH, choice=st.integers(min_value=0, max_value=1000))
+def test_scrub_removes_a_license_key_hidden_anywhere(document: Any, choice: int) -> None:
+    key = "DC-PRO-eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJsaWNfeCJ9.c2lnbmF0dXJl"
+    containers = list(_containers(document))
+    if not containers:
+        document = [document, key]
+    else:
+        target = containers[choice % len(containers)]
+        if isinstance(target, list):
+            target.insert(choice % (len(target) + 1), key)
+        else:
+            target[f"planted{choice}"] = key
+    assert key in json.dumps(document)
+    assert key not in json.dumps(admin.scrub(document))
