@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import getpass
 import itertools
 import json
 import logging
@@ -22,10 +21,12 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import admin
+import backup
 import cors
 import keys
 import licensing
@@ -146,6 +147,7 @@ class App:
             *stripe_sync.routes(self.services),
             *subscriptions.routes(self.services),
             *metrics.routes(self.services),
+            *admin.routes(self.services),
         ]
 
     def core_routes(self) -> list[Route]:
@@ -195,7 +197,7 @@ class App:
 
     # --- WSGI --------------------------------------------------------------------
 
-    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         started = time.perf_counter()
         method = environ.get("REQUEST_METHOD", "GET")
         path = environ.get("PATH_INFO", "") or "/"
@@ -216,6 +218,8 @@ class App:
             else:
                 route, params = self.router.match(method, path)
                 request = Request(environ, params, self.config.max_body_bytes)
+                if route.guard is not None:
+                    route.guard(request)
                 if route.body is not None:
                     request.parsed = request.json()
                     redact.remember_body(request.parsed)
@@ -229,13 +233,13 @@ class App:
                 extra={"request_id": request_id, "trace": traceback.format_exc(limit=20)},
             )
             response = error_response(LicensedError())
-        payload = response.encode()
+        payload = b"" if response.stream is not None else response.encode()
         headers = [
             (
                 "Content-Type",
                 response.content_type if response.raw is not None else "application/json; charset=utf-8",
             ),
-            ("Content-Length", str(len(payload))),
+            *([] if response.stream is not None else [("Content-Length", str(len(payload)))]),
             ("X-Request-Id", request_id),
             *response.headers,
             *self.cors.headers(path, origin),
@@ -260,6 +264,8 @@ class App:
                 "remote": client,
             },
         )
+        if response.stream is not None:
+            return response.stream
         return [payload]
 
     # --- handlers ---------------------------------------------------------------------
@@ -577,16 +583,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     stripe_cmd.add_parser("setup", help="create or update the webhook endpoint; prints its secret once")
 
-    admin = commands.add_parser("admin", help="support verbs, straight on the database")
-    admin_cmd = admin.add_subparsers(dest="admin_command", required=True)
-    issue = admin_cmd.add_parser("issue", help="issue a license by hand and print its key")
-    issue.add_argument("--email", required=True)
-    issue.add_argument("--plan", required=True)
-    lifetime = issue.add_mutually_exclusive_group()
-    lifetime.add_argument("--lifetime", action="store_true", help="never expires")
-    lifetime.add_argument("--days", type=int, help="valid for this many days")
-    issue.add_argument("--max-machines", type=int)
-    issue.add_argument("--send-email", action="store_true", help="queue the key mail to the buyer")
+    admin_parser = commands.add_parser("admin", help="support verbs, straight on the database")
+    admin_cmd = admin_parser.add_subparsers(dest="admin_command", required=True)
+    admin.add_commands(admin_cmd)
+
+    backup_cmd = commands.add_parser("backup", help="copy the database safely while the server runs")
+    backup_cmd.add_argument("path", type=Path, help="where to write the copy")
+    backup_cmd.add_argument("--force", action="store_true", help="overwrite an existing file")
 
     mail_cmd = commands.add_parser("mail", help="the outbox").add_subparsers(
         dest="mail_command", required=True
@@ -608,37 +611,8 @@ def _cmd_keys(config: Config, args: argparse.Namespace, out: Callable[[str], Non
         out(f"{key.kid}  {created}  {state}")
 
 
-_EMAIL = re.compile(r"^[^@\s<>\"',;]{1,64}@[^@\s<>\"',;]{1,255}\.[^@\s<>\"',;]{2,63}$")
-
-
 def _cmd_admin(config: Config, args: argparse.Namespace, out: Callable[[str], None]) -> None:
-    services = build_services(config)
-    try:
-        plan = services.licensing.require_plan(args.plan)
-        if not _EMAIL.match(args.email):
-            raise ConfigError(f"--email {args.email!r} is not an e-mail address")
-        if args.days is not None and args.days < 1:
-            raise ConfigError("--days must be at least 1")
-        if args.max_machines is not None and args.max_machines < 1:
-            raise ConfigError("--max-machines must be at least 1")
-        now = services.now()
-        lic = licensing.issue_license(
-            services.store,
-            services.ring,
-            plan,
-            email=args.email,
-            now=now,
-            actor=f"cli:{getpass.getuser()}",
-            days=args.days,
-            lifetime=True if args.lifetime else None,
-            max_machines=args.max_machines,
-            send_email=args.send_email,
-        )
-        out(licensing.license_key(lic, services.catalog, services.ring, config.app_base_url))
-        if args.send_email:
-            print(f"licensed: key mail queued for {args.email}", file=sys.stderr)
-    finally:
-        services.store.close()
+    admin.run_cli(build_services(config), args, out)
 
 
 def _timestamp(value: str) -> int:
@@ -723,6 +697,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _cmd_admin(config, args, out)
         elif args.command == "mail":
             return _cmd_mail(config, out)
+        elif args.command == "backup":
+            out(backup.run(config, args.path, force=args.force))
         return 0
     except LicensedError as err:
         print(f"licensed: {err.message}", file=sys.stderr)

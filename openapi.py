@@ -145,6 +145,10 @@ def document(routes: Iterable[RouteInfo], base_url: str, version: str) -> dict[s
             {"name": name, "in": "path", "required": True, "schema": string(1, 255)}
             for name in re.findall(r"\{(\w+)\}", route.path)
         ]
+        params += [
+            {"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
+            for name in getattr(route, "query", ())
+        ]
         if params:
             operation["parameters"] = params
         if route.body is not None:

@@ -731,6 +731,165 @@ class Store:
             return None, 0
         return (None if row[0] is None else int(row[0])), int(row[1])
 
+    # --- support tooling: look-ups, stats, export and backup -------------------
+
+    def licenses_where(self, column: str, value: str) -> list[License]:
+        """Every licence whose ``column`` equals ``value``, oldest first."""
+        if column not in LICENSE_COLUMNS:
+            raise ValueError(column)
+        rows = self.all(f"SELECT * FROM licenses WHERE {column} = ? ORDER BY created_at, id", (value,))
+        return [License.from_row(r) for r in rows]
+
+    def licenses_by_email(self, email: str) -> list[License]:
+        rows = self.all(
+            "SELECT licenses.* FROM licenses JOIN customers ON customers.id = licenses.customer_id"
+            " WHERE customers.email = ? COLLATE NOCASE ORDER BY licenses.created_at, licenses.id",
+            (email,),
+        )
+        return [License.from_row(r) for r in rows]
+
+    def licenses_by_stripe_customer(self, stripe_customer_id: str) -> list[License]:
+        rows = self.all(
+            "SELECT licenses.* FROM licenses JOIN customers ON customers.id = licenses.customer_id"
+            " WHERE licenses.stripe_customer_id = ? OR customers.stripe_customer_id = ?"
+            " ORDER BY licenses.created_at, licenses.id",
+            (stripe_customer_id, stripe_customer_id),
+        )
+        return [License.from_row(r) for r in rows]
+
+    def iter_licenses(self) -> Iterator[License]:
+        for row in self.execute("SELECT * FROM licenses ORDER BY created_at, id"):
+            yield License.from_row(row)
+
+    def machine_rows(self, license_id: str) -> list[sqlite3.Row]:
+        return self.all(
+            "SELECT id, machine_hash, activated_at, last_seen_at FROM machines WHERE license_id = ?"
+            " ORDER BY activated_at, id",
+            (license_id,),
+        )
+
+    _EVENT_COLUMNS = "id, type, created, status, attempts, error, license_id, received_at, processed_at"
+
+    def stripe_events_for_license(self, license_id: str) -> list[sqlite3.Row]:
+        return self.all(
+            f"SELECT {self._EVENT_COLUMNS} FROM stripe_events WHERE license_id = ?"
+            " ORDER BY created, received_at",
+            (license_id,),
+        )
+
+    def stripe_events_with_status(self, status: str, limit: int) -> list[sqlite3.Row]:
+        return self.all(
+            f"SELECT {self._EVENT_COLUMNS} FROM stripe_events WHERE status = ?"
+            " ORDER BY received_at DESC, id LIMIT ?",
+            (status, limit),
+        )
+
+    def outbox_for_license(self, license_id: str) -> list[sqlite3.Row]:
+        return self.all(
+            "SELECT id, kind, to_addr, to_name, status, attempts, next_attempt_at, last_error, message_id,"
+            " created_at, sent_at FROM outbox WHERE license_id = ? ORDER BY id",
+            (license_id,),
+        )
+
+    def audit_entries(
+        self, *, license_id: str | None, actor: str | None, before_id: int | None, limit: int
+    ) -> list[sqlite3.Row]:
+        """Audit rows, newest first; ``before_id`` pages backwards."""
+        return self.all(
+            "SELECT id, at, actor, action, license_id, before, after FROM audit_log"
+            " WHERE (?1 IS NULL OR license_id = ?1) AND (?2 IS NULL OR actor = ?2)"
+            " AND (?3 IS NULL OR id < ?3) ORDER BY id DESC LIMIT ?4",
+            (license_id, actor, before_id, limit),
+        )
+
+    def event_counts_since(self, since: int) -> dict[str, int]:
+        rows = self.all(
+            "SELECT status, COUNT(*) FROM stripe_events WHERE received_at >= ? GROUP BY status", (since,)
+        )
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    def outbox_counts(self) -> dict[str, int]:
+        rows = self.all("SELECT status, COUNT(*) FROM outbox GROUP BY status")
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    def machine_total(self) -> int:
+        row = self.one("SELECT COUNT(*) FROM machines")
+        return int(row[0]) if row else 0
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Snapshot]:
+        """A read-only view of the whole database as of one instant (its own connection).
+
+        WAL keeps the view stable while writers go on, so a long export never
+        mixes states and never blocks a webhook.
+        """
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+        except sqlite3.Error as err:
+            raise StorageUnavailable(f"cannot open database {self.path}: {err}") from err
+        try:
+            conn.execute("PRAGMA query_only = ON")
+            conn.execute("BEGIN")
+            conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            yield Snapshot(conn)
+        except sqlite3.Error as err:
+            raise StorageUnavailable(f"database read failed: {err}") from err
+        finally:
+            conn.close()
+
+    def backup_to(self, target: Path) -> None:
+        """Copy the database into the new file ``target`` as one consistent snapshot.
+
+        One backup step (all pages) runs inside a single read transaction: a
+        copy made in several steps would restart whenever another connection
+        writes. The copy is switched out of WAL so it is one self-contained file.
+        """
+        try:
+            dest = sqlite3.connect(target, isolation_level=None)
+            try:
+                self.conn.backup(dest)
+                dest.execute("PRAGMA journal_mode = DELETE").fetchone()
+            finally:
+                dest.close()
+        except sqlite3.Error as err:
+            raise StorageUnavailable(f"backup failed: {err}") from err
+
+
+class Snapshot:
+    """Rows of a consistent read-only view; table and column names come from the caller's allowlist."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def tables(self) -> list[str]:
+        rows = self.conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name"
+        ).fetchall()
+        return [str(r[0]) for r in rows]
+
+    def count(self, table: str) -> int:
+        return int(self.conn.execute(f'SELECT COUNT(*) FROM "{table}"').fetchone()[0])
+
+    def rows(self, table: str, columns: Sequence[str], batch: int = 500) -> Iterator[dict[str, Any]]:
+        names = ", ".join(f'"{c}"' for c in columns)
+        cursor = self.conn.execute(f'SELECT {names} FROM "{table}" ORDER BY rowid')
+        while chunk := cursor.fetchmany(batch):
+            for row in chunk:
+                yield dict(row)
+
+
+def integrity_check(path: Path) -> list[str]:
+    """``PRAGMA integrity_check`` of the file at ``path``: ``["ok"]`` when sound."""
+    try:
+        conn = sqlite3.connect(path, isolation_level=None)
+        try:
+            return [str(r[0]) for r in conn.execute("PRAGMA integrity_check").fetchall()]
+        finally:
+            conn.close()
+    except sqlite3.Error as err:
+        return [str(err)]
+
 
 def _statements(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]

@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl
 
 import openapi
 from errors import (
@@ -49,6 +50,15 @@ class Request:
         if scheme.lower() != "bearer" or not token.strip():
             return None
         return token.strip()
+
+    @property
+    def query(self) -> dict[str, str]:
+        """Query-string parameters; of a repeated name the first value counts."""
+        pairs = parse_qsl(str(self.environ.get("QUERY_STRING") or ""), keep_blank_values=True)
+        params: dict[str, str] = {}
+        for name, value in pairs:
+            params.setdefault(name, value)
+        return params
 
     @property
     def remote_addr(self) -> str:
@@ -95,6 +105,8 @@ class Response:
     headers: list[tuple[str, str]] = field(default_factory=list)
     content_type: str = "application/json"
     raw: bytes | None = None
+    stream: Iterable[bytes] | None = None
+    """Chunks sent as they are produced (no Content-Length), for large exports."""
 
     def encode(self) -> bytes:
         if self.raw is not None:
@@ -116,6 +128,10 @@ class Route:
     body: openapi.Schema | None = None
     response: openapi.Schema | None = None
     status: int = 200
+    guard: Callable[[Request], None] | None = None
+    """Runs before the body is read: an auth check raises before any parsing."""
+    query: tuple[str, ...] = ()
+    """Query-string parameters the route reads, for the API description."""
 
     @property
     def pattern(self) -> re.Pattern[str]:
