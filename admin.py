@@ -29,6 +29,7 @@ from typing import Any
 import keys
 import licensing
 import openapi
+import stripe_sync
 from errors import Conflict, Forbidden, NotFound, Unauthorized, ValidationFailed
 from plans import Plan
 from services import Services
@@ -230,6 +231,35 @@ def events(
         "count": len(rows),
         "events": [_row(e, ("created", "received_at", "processed_at")) for e in rows],
     }
+
+
+def replay(services: Services, actor: str, now: int, event_id: str) -> dict[str, Any]:
+    """Apply a failed or ignored Stripe event again, through the webhook's own code.
+
+    The event is fetched afresh from Stripe when Stripe is configured, else its
+    recorded copy is used. Audited; a replay that fails again is a 409.
+    """
+    if not event_id.startswith("evt_") or len(event_id) > 255:
+        raise ValidationFailed("event ids start with evt_")
+    config = services.config
+    gateway = (
+        stripe_sync.StripeGateway(config.stripe_secret_key, config.stripe_api_base)
+        if config.stripe_secret_key
+        else None
+    )
+    try:
+        outcome = stripe_sync.EventProcessor(services, gateway).replay(event_id, now)
+    except stripe_sync.WebhookFailed as err:
+        raise Conflict(err.message, code="REPLAY_FAILED") from err
+    answer = {
+        "event_id": event_id,
+        "outcome": outcome.status,
+        "license_id": outcome.license_id,
+        "detail": outcome.detail,
+    }
+    with services.store.atomic():
+        services.store.audit(now, actor, "event.replay", outcome.license_id, None, answer)
+    return answer
 
 
 def stats(services: Services, actor: str, now: int) -> dict[str, Any]:
@@ -828,6 +858,9 @@ class AdminApi:
             events(self.services, ADMIN_ACTOR, self._now(), status=query.get("status", "failed"), limit=limit)
         )
 
+    def replay(self, request: Request) -> Response:
+        return Response(replay(self.services, ADMIN_ACTOR, self._now(), request.params["event_id"]))
+
     def stats(self, request: Request) -> Response:
         _only(request.query, ())
         return Response(stats(self.services, ADMIN_ACTOR, self._now()))
@@ -922,6 +955,12 @@ def routes(services: Services) -> list[Route]:
             "Stripe events by status (failed by default)",
             query=("status", "limit"),
         ),
+        admin(
+            "POST",
+            "/api/admin/events/{event_id}/replay",
+            api.replay,
+            "Apply a failed or ignored Stripe event again (fetched from Stripe when configured)",
+        ),
         admin("GET", "/api/admin/stats", api.stats, "Licenses by plan and state, events today, mail backlog"),
         admin(
             "GET",
@@ -1006,6 +1045,9 @@ def add_commands(admin_cmd: Any) -> None:
     events_cmd.add_argument("--status", default="failed", choices=EVENT_STATUSES)
     events_cmd.add_argument("--limit", type=int, default=100)
 
+    replay_cmd = verb("replay", "apply a failed or ignored Stripe event again")
+    replay_cmd.add_argument("event_id", help="evt_…")
+
     verb("stats", "licenses by plan and state, events today, mail backlog")
 
     audit_cmd = verb("audit", "the audit trail, newest first")
@@ -1049,6 +1091,8 @@ def run_command(services: Services, args: argparse.Namespace, actor: str, now: i
         return events(services, actor, now, status=args.status, limit=args.limit)
     if name == "stats":
         return stats(services, actor, now)
+    if name == "replay":
+        return replay(services, actor, now, args.event_id)
     if name == "audit":
         return audit_trail(
             services,
