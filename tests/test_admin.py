@@ -606,7 +606,7 @@ def test_cli_readable_output_and_one_line_errors(live: Live) -> None:
 
 
 def _path(route_path: str, license_id: str) -> str:
-    return route_path.replace("{license_id}", license_id)
+    return route_path.replace("{license_id}", license_id).replace("{event_id}", "evt_test")
 
 
 def _guarded(live: Live) -> list[tuple[str, str, str]]:
