@@ -25,7 +25,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--subscriptions", type=int, default=40)
-    parser.add_argument("--spread", type=float, default=40.0, help="seconds over which first sends are spread")
+    parser.add_argument(
+        "--spread", type=float, default=40.0, help="seconds over which first sends are spread"
+    )
     parser.add_argument("--kills", type=int, default=15, help="at least this many SIGKILLs per round")
     parser.add_argument("--max-seconds", type=float, default=180.0, help="per round")
     parser.add_argument("--seed", type=int, help="first round's seed (the next rounds add 1)")

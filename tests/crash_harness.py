@@ -90,7 +90,9 @@ def lifecycle(kind: str, n: int, base: int, tag: str) -> list[dict[str, Any]]:
         return se.event(what, obj, base + created, event_id=eid())
 
     def dispute(created: int, what: str, status: str, pi: str) -> dict[str, Any]:
-        obj = se.dispute(dispute_id=f"dp_{tag}_{n}", charge_id=f"ch_{tag}_{n}", payment_intent=pi, status=status)
+        obj = se.dispute(
+            dispute_id=f"dp_{tag}_{n}", charge_id=f"ch_{tag}_{n}", payment_intent=pi, status=status
+        )
         return se.event(what, obj, base + created, event_id=eid())
 
     def refund(created: int, pi: str, amount: int) -> dict[str, Any]:
@@ -116,7 +118,15 @@ def lifecycle(kind: str, n: int, base: int, tag: str) -> list[dict[str, Any]]:
         ]
         if kind == "full":
             events.append(
-                sub(600, "deleted", **team, status="canceled", period_end=p2, ended_at=p2, cancel_at_period_end=True)
+                sub(
+                    600,
+                    "deleted",
+                    **team,
+                    status="canceled",
+                    period_end=p2,
+                    ended_at=p2,
+                    cancel_at_period_end=True,
+                )
             )
         return events
     if kind == "refund":
@@ -224,7 +234,8 @@ class CrashReport:
         return (
             f"seed {self.seed}: {self.events} events, {self.deliveries} deliveries "
             f"({self.cut_requests} cut or refused by a kill, {self.retried_500} answered 500 and retried), "
-            f"{self.kills} SIGKILLs ({self.kills_mid_stream} with events unacknowledged), {self.validations} validations "
+            f"{self.kills} SIGKILLs ({self.kills_mid_stream} with events unacknowledged), "
+            f"{self.validations} validations "
             f"({self.activations_acked} activations acknowledged, {self.activations_lost} lost), "
             f"events lost {self.lost}, applied twice {self.duplicates_in_db}, {self.seconds:.1f} s"
         )
@@ -426,7 +437,9 @@ def run_crash(
 
     rows = {str(r["id"]): r for r in server.rows("SELECT id, status, attempts FROM stripe_events")}
     sent_ids = set(stripe.deliveries)
-    report.lost = len([i for i in sent_ids if i not in rows or rows[i]["status"] not in ("applied", "ignored")])
+    report.lost = len(
+        [i for i in sent_ids if i not in rows or rows[i]["status"] not in ("applied", "ignored")]
+    )
     report.duplicates_in_db = len(server.rows("SELECT id FROM stripe_events")) - len(rows)
     if set(rows) != sent_ids:
         problems.append(f"stripe_events ids differ from the ids sent: {sorted(set(rows) ^ sent_ids)[:5]}")

@@ -30,6 +30,7 @@ from store import License
 ROOT = Path(__file__).resolve().parent.parent
 BASE_URL = "http://licensed.test"
 
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
