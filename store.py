@@ -322,15 +322,40 @@ class Store:
             if not nested and conn.in_transaction:
                 with suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
+            if not nested:
+                self._discard(conn)
             raise StorageUnavailable(f"database write failed: {err}") from err
+        except StorageUnavailable:
+            if not nested:
+                self._discard(conn)
+            raise
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        conn = self.conn
         try:
-            return self.conn.execute(sql, params)
+            return conn.execute(sql, params)
         except sqlite3.IntegrityError as err:
             raise Conflict(f"conflicting write: {err}") from err
         except sqlite3.Error as err:
+            if not conn.in_transaction:
+                self._discard(conn)
             raise StorageUnavailable(f"database error: {err}") from err
+
+    def _discard(self, conn: sqlite3.Connection) -> None:
+        """Forget this thread's connection after a storage error; the next use opens a fresh one.
+
+        A connection opened while the file could not be written (an immutable
+        file, a read-only file system) stays read-only for its whole life, so
+        without this a fault that has been cleared would go on failing the
+        writes of whichever threads met it.
+        """
+        if getattr(self._local, "conn", None) is conn:
+            self._local.conn = None
+        with self._all_lock:
+            if conn in self._all:
+                self._all.remove(conn)
+        with suppress(sqlite3.Error):
+            conn.close()
 
     def one(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
         row: sqlite3.Row | None = self.execute(sql, params).fetchone()
