@@ -124,7 +124,8 @@ def verify_signature(payload: bytes, header: str | None, secrets: tuple[str, ...
         name, _, value = part.strip().partition("=")
         if name == "t" and value.isdigit() and len(value) <= 12:
             timestamp = int(value)
-        elif name == "v1" and value:
+        elif name == "v1" and value and value.isascii():
+            # hmac.compare_digest refuses non-ASCII text with a TypeError.
             signatures.append(value)
     if timestamp is None or not signatures:
         raise WebhookSignatureError("the Stripe-Signature header is malformed")
