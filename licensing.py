@@ -7,6 +7,7 @@ time at the exact paid-through, grace and expiry boundaries.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -255,6 +256,13 @@ def issue_license(
 # --- validate, activate, deactivate --------------------------------------------
 
 
+MACHINE_ID_PATTERN = "^[^\\x00-\\x1f\\x7f-\\x9f]+$"
+"""What ``/openapi.json`` says a machine id is: no control characters. One rule for the
+document and the check, so generated clients and the server agree on every string (lone
+surrogates never get this far: the body parser refuses them)."""
+MACHINE_ID = re.compile(MACHINE_ID_PATTERN.strip("^$"))
+
+
 @dataclass(frozen=True)
 class LicenseRequest:
     key: str
@@ -264,7 +272,7 @@ class LicenseRequest:
     @classmethod
     def from_body(cls, body: dict[str, Any], machine_required: bool) -> LicenseRequest:
         machine_id = body.get("machine_id")
-        if machine_id is not None and not machine_id.isprintable():
+        if machine_id is not None and not MACHINE_ID.fullmatch(machine_id):
             raise ValidationFailed("machine_id must be printable characters")
         if machine_required and machine_id is None:
             raise ValidationFailed("machine_id is required")
