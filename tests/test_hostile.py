@@ -335,3 +335,15 @@ def test_oidc_routes_refuse_hostile_bearers(live: Live) -> None:
         except (UnicodeEncodeError, ValueError):
             continue
         assert answer.status_code in (400, 401, 431), answer.text[:200]
+
+
+@pytest.mark.parametrize("value", ["\u00e9" * 64, "caf\u00e9", "\u00ff"])
+def test_webhook_signature_with_non_ascii_value_is_refused(live: Live, value: str) -> None:
+    """Header values reach WSGI as latin-1 text; a non-ASCII signature once crashed the check."""
+    body, headers = se.signed(
+        se.event("plan.created", se.fixture("plan"), int(live.clock())), int(live.clock())
+    )
+    headers["Stripe-Signature"] = f"t={int(live.clock())},v1={value}"
+    answer = live.http.post(live.url + "/api/stripe/webhook", data=body, headers=headers, timeout=10)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["code"] == "INVALID_SIGNATURE"
