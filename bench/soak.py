@@ -210,7 +210,13 @@ def main() -> int:
         "errors": errors,
         "server_alive_at_end": alive,
         "tracebacks_in_log": log.count("Traceback"),
-        "rss_kib": {"first": rss[0], "max": max(rss), "last": rss[-1], "samples": len(rss)},
+        "rss_kib": {
+            "first": rss[0],
+            "max": max(rss),
+            "last": rss[-1],
+            "samples": len(rss),
+            "series": [[round(t, 1), kib] for t, kib in samples],
+        },
         "kinds": {},
     }
     print(
@@ -241,6 +247,8 @@ def main() -> int:
         f"  server RSS: first {rss[0] / 1024:.1f} MiB, max {max(rss) / 1024:.1f} MiB, "
         f"last {rss[-1] / 1024:.1f} MiB ({len(rss)} samples, every {args.sample_every:g} s)"
     )
+    minute_marks = [kib for t, kib in samples if int(t) % 60 < args.sample_every]
+    print("  RSS about each minute (MiB): " + " ".join(f"{kib / 1024:.1f}" for kib in minute_marks))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2), encoding="utf-8")
     failed = errors or not alive or figures["tracebacks_in_log"]

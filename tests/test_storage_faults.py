@@ -272,6 +272,14 @@ def test_read_only_database_refuses_writes_and_keeps_reading(server: ServerProce
 # --- SQLite's own means, in-process -------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def no_unhandled_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """In-process, the server's log is captured here: no error may escape untranslated."""
+    yield
+    unhandled = [r for r in caplog.records if r.getMessage() == "unhandled error"]
+    assert not unhandled, [getattr(r, "trace", "") for r in unhandled]
+
+
 @pytest.fixture
 def config(data_dir: Path) -> Config:
     return Config(data_dir=data_dir, app_base_url="http://licensed.test", stripe_webhook_secrets=(se.SECRET,))
