@@ -208,6 +208,7 @@ class Delivery:
     sends: int = 0
     failed_500: int = 0
     no_answer: int = 0
+    refused: int = 0
     other: list[int] = field(default_factory=list)
     acked: bool = False
 
@@ -221,8 +222,10 @@ class CrashReport:
     kills: int = 0
     kills_mid_stream: int = 0
     cut_requests: int = 0
+    refused_requests: int = 0
     retried_500: int = 0
     validations: int = 0
+    validations_cut: int = 0
     activations_acked: int = 0
     activations_lost: int = 0
     lost: int = 0
@@ -233,10 +236,11 @@ class CrashReport:
     def line(self) -> str:
         return (
             f"seed {self.seed}: {self.events} events, {self.deliveries} deliveries "
-            f"({self.cut_requests} cut or refused by a kill, {self.retried_500} answered 500 and retried), "
+            f"({self.cut_requests} cut in flight by a kill, {self.refused_requests} refused while down, "
+            f"{self.retried_500} answered 500 and retried), "
             f"{self.kills} SIGKILLs ({self.kills_mid_stream} with events unacknowledged), "
-            f"{self.validations} validations "
-            f"({self.activations_acked} activations acknowledged, {self.activations_lost} lost), "
+            f"{self.validations} validations ({self.validations_cut} cut in flight, "
+            f"{self.activations_acked} activations acknowledged, {self.activations_lost} lost), "
             f"events lost {self.lost}, applied twice {self.duplicates_in_db}, {self.seconds:.1f} s"
         )
 
@@ -292,8 +296,10 @@ class Stripe:
                     self.server.url + "/api/stripe/webhook", data=body, headers=headers, timeout=10
                 )
                 status = answer.status_code
-            except requests.RequestException:
-                status = 0
+            except requests.RequestException as err:
+                # Refused: the server was down, so the event cannot have been seen. Cut: it was
+                # in flight when the server died, and may or may not have been committed.
+                status = -1 if "refused" in str(err).lower() else 0
                 session.close()
                 session = requests.Session()
             with self.lock:
@@ -304,6 +310,8 @@ class Stripe:
                     delivery.failed_500 += 1
                 elif status == 0:
                     delivery.no_answer += 1
+                elif status == -1:
+                    delivery.refused += 1
                 else:
                     delivery.other.append(status)
             if status != 200:
@@ -320,6 +328,7 @@ class Validators:
         self.lock = threading.Lock()
         self.activated: set[tuple[str, str]] = set()
         self.count = 0
+        self.cut = 0
         self.bad: list[str] = []
         self.halt = threading.Event()
         self.ring: KeyRing | None = None
@@ -355,7 +364,10 @@ class Validators:
                     json={"key": key, "machine_id": machine},
                     timeout=10,
                 )
-            except requests.RequestException:
+            except requests.RequestException as err:
+                if "refused" not in str(err).lower():
+                    with self.lock:
+                        self.cut += 1
                 session.close()
                 session = requests.Session()
                 continue
@@ -424,8 +436,10 @@ def run_crash(
     report.deliveries = sum(d.sends for d in deliveries)
     report.acked = sum(d.acked for d in deliveries)
     report.cut_requests = sum(d.no_answer for d in deliveries)
+    report.refused_requests = sum(d.refused for d in deliveries)
     report.retried_500 = sum(d.failed_500 for d in deliveries)
     report.validations = checkers.count
+    report.validations_cut = checkers.cut
     report.activations_acked = len(checkers.activated)
     problems = report.problems
     problems += checkers.bad[:5]
