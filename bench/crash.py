@@ -34,7 +34,9 @@ def main() -> int:
     args = parser.parse_args()
 
     first = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
-    totals = {"events": 0, "deliveries": 0, "kills": 0, "lost": 0, "activations": 0, "activations_lost": 0}
+    totals = dict.fromkeys(
+        ("events", "deliveries", "kills", "cut", "lost", "activations", "activations_lost"), 0
+    )
     failed = False
     for round_no in range(args.rounds):
         seed = first + round_no
@@ -54,12 +56,13 @@ def main() -> int:
         totals["events"] += report.events
         totals["deliveries"] += report.deliveries
         totals["kills"] += report.kills
+        totals["cut"] += report.cut_requests + report.validations_cut
         totals["lost"] += report.lost
         totals["activations"] += report.activations_acked
         totals["activations_lost"] += report.activations_lost
     print(
         f"total: {args.rounds} rounds, {totals['events']} events, {totals['deliveries']} deliveries, "
-        f"{totals['kills']} SIGKILLs, events lost {totals['lost']}, "
+        f"{totals['kills']} SIGKILLs ({totals['cut']} requests cut in flight), events lost {totals['lost']}, "
         f"activations acknowledged {totals['activations']}, lost {totals['activations_lost']}"
         + ("; FAILED" if failed else "")
     )
