@@ -16,7 +16,7 @@ from crash_harness import run_crash
 def test_sigkill_during_webhooks_and_validations_loses_nothing(tmp_path: Path) -> None:
     seed = int(os.environ.get("CRASH_SEED") or random.SystemRandom().randrange(2**32))
     print(f"crash seed {seed} (replay with CRASH_SEED={seed})")
-    report = run_crash(tmp_path, seed, subscriptions=16, spread=8.0, max_seconds=25.0, min_kills=4)
+    report = run_crash(tmp_path, seed, subscriptions=16, spread=8.0, max_seconds=40.0, min_kills=4)
     print(report.line())
     assert report.problems == [], f"CRASH_SEED={seed}: {report.problems}"
     assert report.lost == 0

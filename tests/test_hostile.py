@@ -95,7 +95,9 @@ def test_generated_requests_get_no_5xx_and_answers_match_the_document(
     live.issue()  # something in the database for the lookups to find or miss
     schema = schemathesis.openapi.from_url(live.url + "/openapi.json", config=CHECKS)
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) >= 10
+    # Every route but the document itself, which schemathesis leaves out when loading from it.
+    routes = {f"{r.method} {r.path}" for r in licensed.App(live.services).router.routes}
+    assert {op.label for op in operations} == routes - {"GET /openapi.json"}
     tried: dict[str, int] = {}
     for operation in operations:
         label = f"{operation.method.upper()} {operation.path}"
