@@ -122,7 +122,8 @@ def verify_signature(payload: bytes, header: str | None, secrets: tuple[str, ...
     signatures: list[str] = []
     for part in header.split(","):
         name, _, value = part.strip().partition("=")
-        if name == "t" and value.isdigit() and len(value) <= 12:
+        # isascii first: "²".isdigit() is true, and int("²") raises.
+        if name == "t" and value.isascii() and value.isdigit() and len(value) <= 12:
             timestamp = int(value)
         elif name == "v1" and value and value.isascii():
             # hmac.compare_digest refuses non-ASCII text with a TypeError.

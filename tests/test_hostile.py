@@ -339,13 +339,56 @@ def test_oidc_routes_refuse_hostile_bearers(live: Live) -> None:
         assert answer.status_code in (400, 401, 431), answer.text[:200]
 
 
-@pytest.mark.parametrize("value", ["\u00e9" * 64, "caf\u00e9", "\u00ff"])
-def test_webhook_signature_with_non_ascii_value_is_refused(live: Live, value: str) -> None:
-    """Header values reach WSGI as latin-1 text; a non-ASCII signature once crashed the check."""
+@pytest.mark.parametrize(
+    "header",
+    [
+        "t={t},v1=" + "\u00e9" * 64,
+        "t={t},v1=caf\u00e9",
+        "t={t},v1=\u00ff",
+        "t=\u00b2,v1=ab",
+        "t=1\u00b9,v1=ab",
+    ],
+)
+def test_webhook_signature_with_non_ascii_value_is_refused(live: Live, header: str) -> None:
+    """Header values reach WSGI as latin-1 text; a non-ASCII signature or a superscript
+    digit in the timestamp once crashed the check."""
     body, headers = se.signed(
         se.event("plan.created", se.fixture("plan"), int(live.clock())), int(live.clock())
     )
-    headers["Stripe-Signature"] = f"t={int(live.clock())},v1={value}"
+    headers["Stripe-Signature"] = header.format(t=int(live.clock()))
     answer = live.http.post(live.url + "/api/stripe/webhook", data=body, headers=headers, timeout=10)
     assert answer.status_code == 400, answer.text
     assert answer.json()["error"]["code"] == "INVALID_SIGNATURE"
+
+
+@pytest.mark.parametrize("length", ["\u00b2", "1\u00b9", "-5", "abc"])
+def test_identity_provider_with_a_hostile_content_length(length: str) -> None:
+    """A JWKS answer whose Content-Length is not ASCII digits is read or refused, never a crash."""
+    import socket
+    import threading
+
+    import auth
+
+    body = b'{"keys": []}'
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve_once() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n"
+            conn.sendall(head.encode("latin-1") + b"Connection: close\r\n\r\n" + body)
+
+    thread = threading.Thread(target=serve_once, daemon=True)
+    thread.start()
+    try:
+        verifier = auth.OidcVerifier(f"http://127.0.0.1:{port}/oidc", "api://licensed")
+
+        def fetch() -> None:
+            assert verifier._download() == body
+
+        only_licensed_errors(fetch)
+    finally:
+        thread.join(timeout=10)
+        listener.close()
