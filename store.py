@@ -14,6 +14,7 @@ Every value goes through ``?``. ``sqlite3`` errors are translated here into
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import sqlite3
 import threading
@@ -268,7 +269,13 @@ class Store:
         if conn is None:
             conn = self._connect()
             self._local.conn = conn
+            self._local.opened_read_only = not self._writable()
         return conn
+
+    def _writable(self) -> bool:
+        """Whether SQLite can open the database and its WAL for writing right now."""
+        wal = self.path.with_name(self.path.name + "-wal")
+        return os.access(self.path, os.W_OK) and (not wal.exists() or os.access(wal, os.W_OK))
 
     def _connect(self) -> sqlite3.Connection:
         try:
@@ -303,6 +310,11 @@ class Store:
         """
         conn = self.conn
         nested = conn.in_transaction
+        if not nested and getattr(self._local, "opened_read_only", False):
+            # SQLite opened this connection read-only (the file could not be written
+            # then) and it stays so: open afresh for the write, in case that has changed.
+            self._discard(conn)
+            conn = self.conn
         savepoint = f"sp_{secrets.token_hex(4)}"
         try:
             conn.execute(f"SAVEPOINT {savepoint}" if nested else "BEGIN IMMEDIATE")
