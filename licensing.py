@@ -7,13 +7,14 @@ time at the exact paid-through, grace and expiry boundaries.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any
 
 import keys
 import mailer
-from errors import InvalidToken, NotFound, ValidationFailed
+from errors import InvalidToken, NotFound, StorageUnavailable, ValidationFailed
 from keys import KeyRing
 from plans import Catalog, Plan
 from store import License, Store, new_id
@@ -44,6 +45,8 @@ ALL_CODES = (
     DEACTIVATED,
     MACHINE_NOT_ACTIVATED,
 )
+
+log = logging.getLogger("licensed.licensing")
 
 SEEN_WRITE_INTERVAL = 3600
 """A machine's ``last_seen_at`` is rewritten at most hourly, so validation stays read-only."""
@@ -319,7 +322,13 @@ class Licensing:
         machine_hash = keys.machine_hash(req.machine_id) if req.machine_id else None
         if code in VALID_CODES:
             if lic.key_kid != self.ring.current.kid:
-                lic = self._restamp(lic.id, now) or lic
+                try:
+                    lic = self._restamp(lic.id, now) or lic
+                except StorageUnavailable:
+                    # The key the row holds still verifies: answer from reads, re-issue later.
+                    log.warning(
+                        "key not re-issued: the database cannot be written", extra={"license": lic.id}
+                    )
             if machine_hash is not None:
                 activated = self._seat(lic, machine_hash, now)
                 if not activated:
@@ -352,14 +361,20 @@ class Licensing:
         seen = self.store.machine_seen_at(lic.id, machine_hash)
         if seen is not None and now - seen < SEEN_WRITE_INTERVAL:
             return True
-        with self.store.atomic():
-            seen = self.store.machine_seen_at(lic.id, machine_hash)
-            if seen is not None:
-                self.store.touch_machine(lic.id, machine_hash, now)
+        try:
+            with self.store.atomic():
+                seen = self.store.machine_seen_at(lic.id, machine_hash)
+                if seen is not None:
+                    self.store.touch_machine(lic.id, machine_hash, now)
+                    return True
+                if self.store.count_machines(lic.id) >= lic.max_machines:
+                    return False
+                self.store.add_machine(lic.id, machine_hash, now)
                 return True
-            if self.store.count_machines(lic.id) >= lic.max_machines:
-                return False
-            self.store.add_machine(lic.id, machine_hash, now)
+        except StorageUnavailable:
+            if seen is None:
+                raise  # a new seat needs the write
+            # Already seated: only the last-seen stamp is lost, and it can wait.
             return True
 
     def deactivate(self, req: LicenseRequest, now: int) -> dict[str, Any]:
