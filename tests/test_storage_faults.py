@@ -8,11 +8,14 @@ Two ways to take the writes away, because the tests may run as root, where
   file takes every free block, so the next commit cannot grow the WAL and the
   kernel answers ENOSPC. *Read-only file*: ``chattr +i`` on the database and
   its WAL makes the kernel refuse every write, even through descriptors the
-  server already holds open (a read-only remount is refused while files are
-  open for writing, and a read-only bind mount would not reach those open
-  descriptors). The ``-shm`` index is left alone: SQLite maps it into memory,
-  and an immutable mapped file kills the process with SIGBUS. These need
-  ``mount`` and ``chattr`` privileges; without them they are skipped.
+  server already holds open, on ext4 (this one runs in the test's own tmp
+  dir, not on tmpfs: tmpfs lets writes through open descriptors go on, which
+  is checked, and skipped, rather than trusted). A read-only remount is
+  refused while files are open for writing, and a read-only bind mount would
+  not reach those open descriptors. The ``-shm`` index is left alone: SQLite
+  maps it into memory, and an immutable mapped file kills the process with
+  SIGBUS. These need ``mount`` and ``chattr`` privileges; without them they
+  are skipped.
 * **SQLite's own means** (in-process ``live`` server, always run):
   ``PRAGMA query_only`` on every connection for a read-only database, and
   ``PRAGMA max_page_count`` pinned to the current size for a full one. The
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import sqlite3
 import subprocess
@@ -43,6 +47,7 @@ import stripe_events as se
 from conftest import DAY, Live
 from server_proc import ServerProcess, make_data_dir
 
+import keys
 import store as store_module
 from config import Config
 from errors import StorageUnavailable
@@ -57,6 +62,7 @@ class Target:
     now: Callable[[], int]
     key: str
     http: requests.Session
+    rotate: Callable[[], None]
 
     def post(self, path: str, body: Any) -> requests.Response:
         return self.http.post(self.url + path, json=body, timeout=15)
@@ -102,11 +108,30 @@ def new_subscription_event(now: int) -> dict[str, Any]:
     return se.event("customer.subscription.created", sub, now)
 
 
-def prepare(target: Target) -> None:
-    """A seat taken before the fault, so a known installation can be re-validated during it."""
-    answer = target.post("/api/license/validate", {"key": target.key, "machine_id": "installed-machine"})
-    assert answer.status_code == 200 and answer.json()["activated"] is True, answer.text
+def prepare(target: Target, *, age_and_rotate: bool = True) -> None:
+    """Seats taken before the fault, so known installations can be re-validated during it.
+
+    One was last seen two hours ago, so validating it would normally refresh its
+    stamp (a write). Then the signing key is rotated, so validating the key would
+    normally re-issue it under the new key (a write too). Neither may stop a
+    validation while the database cannot be written.
+    """
+    for machine in ("installed-machine", "machine-seen-long-ago"):
+        answer = target.post("/api/license/validate", {"key": target.key, "machine_id": machine})
+        assert answer.status_code == 200 and answer.json()["activated"] is True, answer.text
     assert target.webhook(new_subscription_event(target.now())).status_code == 200
+    if not age_and_rotate:
+        return
+    conn = sqlite3.connect(target.db_path, timeout=10)
+    try:
+        with conn:
+            conn.execute(
+                "UPDATE machines SET last_seen_at = last_seen_at - 7200 WHERE machine_hash = ?",
+                (hashlib.sha256(b"machine-seen-long-ago").hexdigest(),),
+            )
+    finally:
+        conn.close()
+    target.rotate()
 
 
 def check_refused_writes(target: Target, *, all_writes: bool) -> dict[str, Any]:
@@ -131,8 +156,9 @@ def check_refused_writes(target: Target, *, all_writes: bool) -> dict[str, Any]:
     # the public routes.
     plain = target.post("/api/license/validate", {"key": target.key})
     assert plain.status_code == 200 and plain.json()["code"] == "VALID", plain.text
-    seated = target.post("/api/license/validate", {"key": target.key, "machine_id": "installed-machine"})
-    assert seated.status_code == 200 and seated.json()["activated"] is True, seated.text
+    for machine in ("installed-machine", "machine-seen-long-ago"):
+        seated = target.post("/api/license/validate", {"key": target.key, "machine_id": machine})
+        assert seated.status_code == 200 and seated.json()["activated"] is True, seated.text
     for path in ("/api/public/plans", "/.well-known/jwks.json", "/openapi.json"):
         assert target.http.get(target.url + path, timeout=15).status_code == 200
 
@@ -196,9 +222,8 @@ def tmpfs(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
 
 
-@pytest.fixture
-def server(tmpfs: Path) -> Iterator[ServerProcess]:
-    proc = ServerProcess(make_data_dir(tmpfs / "data"), {"STRIPE_WEBHOOK_SECRET": se.SECRET})
+def running(data_dir: Path) -> Iterator[ServerProcess]:
+    proc = ServerProcess(make_data_dir(data_dir), {"STRIPE_WEBHOOK_SECRET": se.SECRET})
     proc.start()
     try:
         yield proc
@@ -208,8 +233,24 @@ def server(tmpfs: Path) -> Iterator[ServerProcess]:
     assert "Traceback" not in log and "unhandled error" not in log, log[-3000:]
 
 
+@pytest.fixture
+def server_on_tmpfs(tmpfs: Path) -> Iterator[ServerProcess]:
+    yield from running(tmpfs / "data")
+
+
+@pytest.fixture
+def server_on_disk(tmp_path: Path) -> Iterator[ServerProcess]:
+    yield from running(tmp_path / "data")
+
+
 def real_target(server: ServerProcess, http: requests.Session) -> Target:
-    return Target(server.url, server.db_path, lambda: int(time.time()), server.issue("team-monthly"), http)
+    def rotate() -> None:
+        done = server.cli("keys", "rotate")
+        assert done.returncode == 0, done.stderr
+        time.sleep(keys.KeyRing.RELOAD_EVERY + 0.2)  # the server notices new keys this often
+
+    key = server.issue("team-monthly")
+    return Target(server.url, server.db_path, lambda: int(time.time()), key, http, rotate)
 
 
 def fill(directory: Path) -> Path:
@@ -239,7 +280,8 @@ def truncate_wal(db_path: Path) -> None:
     assert db_path.with_name(db_path.name + "-wal").stat().st_size == 0
 
 
-def test_disk_full_refuses_writes_and_keeps_reading(server: ServerProcess, tmpfs: Path) -> None:
+def test_disk_full_refuses_writes_and_keeps_reading(server_on_tmpfs: ServerProcess, tmpfs: Path) -> None:
+    server = server_on_tmpfs
     with requests.Session() as http:
         target = real_target(server, http)
         prepare(target)
@@ -254,18 +296,46 @@ def test_disk_full_refuses_writes_and_keeps_reading(server: ServerProcess, tmpfs
         check_recovered(target, event, all_writes=True)
 
 
-def test_read_only_database_refuses_writes_and_keeps_reading(server: ServerProcess) -> None:
-    with requests.Session() as http:
-        target = real_target(server, http)
-        prepare(target)
-        files = [server.db_path, server.db_path.with_name(server.db_path.name + "-wal")]
-        done = subprocess.run(["chattr", "+i", *map(str, files)], capture_output=True, text=True)
+def immutable(files: list[Path]) -> Callable[[], None]:
+    """``chattr +i`` the files; returns the undo. Skips where it is not allowed or not effective.
+
+    The flag must also stop writes through descriptors opened before it was set
+    (the server's connections): ext4 refuses them, tmpfs does not, so this is
+    checked on a descriptor of our own first.
+    """
+    probe = files[0].with_name("immutable-probe")
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        targets = [*map(str, files), str(probe)]
+        done = subprocess.run(["chattr", "+i", *targets], capture_output=True, text=True)
         if done.returncode != 0:
             pytest.skip(f"chattr +i is not allowed here: {done.stderr.strip()}")
         try:
+            os.write(fd, b"x")
+        except PermissionError:
+            pass
+        else:
+            subprocess.run(["chattr", "-i", *targets], check=True)
+            pytest.skip("chattr +i does not stop writes through open descriptors on this file system")
+    finally:
+        os.close(fd)
+
+    def undo() -> None:
+        subprocess.run(["chattr", "-i", *targets], check=True)
+
+    return undo
+
+
+def test_read_only_database_refuses_writes_and_keeps_reading(server_on_disk: ServerProcess) -> None:
+    server = server_on_disk
+    with requests.Session() as http:
+        target = real_target(server, http)
+        prepare(target)
+        undo = immutable([server.db_path, server.db_path.with_name(server.db_path.name + "-wal")])
+        try:
             event = check_refused_writes(target, all_writes=True)
         finally:
-            subprocess.run(["chattr", "-i", *map(str, files)], check=True)
+            undo()
         check_recovered(target, event, all_writes=True)
 
 
@@ -286,12 +356,17 @@ def config(data_dir: Path) -> Config:
 
 
 def live_target(live: Live) -> Target:
+    def rotate() -> None:
+        keys.create_key(live.services.config.keys_dir)
+        live.services.ring._load()  # at once, rather than after the ring's reload interval
+
     return Target(
         live.url,
         live.services.config.db_path,
         lambda: int(live.clock()),
         live.issue("team-monthly"),
         live.http,
+        rotate,
     )
 
 
@@ -324,7 +399,8 @@ def test_query_only_database_refuses_writes_and_keeps_reading(
 
 def test_page_limit_refuses_a_webhook_and_keeps_reading(live: Live, monkeypatch: pytest.MonkeyPatch) -> None:
     target = live_target(live)
-    prepare(target)
+    # Only writes that need a new page fail here; re-stamping a key or a seat would not.
+    prepare(target, age_and_rotate=False)
     pages = int(live.services.store.one("PRAGMA page_count")[0])
     with pragma_everywhere(live, monkeypatch, "max_page_count", str(pages), str(2**30)):
         event = check_refused_writes(target, all_writes=False)
@@ -345,3 +421,31 @@ def test_a_connection_that_met_a_storage_error_is_replaced(services: Any) -> Non
         store.put_setting("outside.transaction", "x", 3)
     store.put_setting("outside.transaction", "y", 4)
     assert store.get_setting("outside.transaction") == "y"
+
+
+def test_a_connection_opened_read_only_is_reopened_for_the_next_write(services: Any) -> None:
+    """Reads during a fault open read-only connections; the first write after it must not fail."""
+    store = services.store
+    store.check_writable(1)
+    store.close()  # the last connection: SQLite folds the WAL back in and removes it
+    files = [f for f in (store.path, store.path.with_name(store.path.name + "-wal")) if f.exists()]
+    if os.geteuid() == 0:
+        undo = immutable(files)
+    else:
+        modes = [f.stat().st_mode for f in files]
+        for f in files:
+            f.chmod(0o444)
+
+        def undo() -> None:
+            for f, mode in zip(files, modes, strict=True):
+                f.chmod(mode)
+
+    try:
+        assert store.get_setting("health.checked_at") == "1"  # a read opens the connection
+        with pytest.raises(StorageUnavailable):
+            store.check_writable(2)
+        assert store.get_setting("health.checked_at") == "1"
+    finally:
+        undo()
+    store.check_writable(3)  # the very first write after the fault
+    assert store.get_setting("health.checked_at") == "3"
