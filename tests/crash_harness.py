@@ -42,6 +42,7 @@ from config import Config
 from errors import LicensedError
 from keys import KeyRing
 from plans import Catalog
+from store import License
 
 STATE_FIELDS = (
     "status",
@@ -193,8 +194,6 @@ def expected_states(events: list[dict[str, Any]], now: int) -> dict[str, dict[st
 
 
 def state_of(row: sqlite3.Row) -> dict[str, Any]:
-    from store import License
-
     lic = License.from_row(row)
     return {name: getattr(lic, name) for name in STATE_FIELDS}
 
