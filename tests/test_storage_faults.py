@@ -3,8 +3,8 @@
 Two ways to take the writes away, because the tests may run as root, where
 ``chmod`` stops nothing:
 
-* **Real faults** (``licensed serve`` subprocess, DATA_DIR on a size-limited
-  tmpfs mounted for the test). *Disk full*: the WAL is truncated, then a filler
+* **Real faults** (``licensed serve`` subprocess). *Disk full*: DATA_DIR on a
+  size-limited tmpfs mounted for the test; the WAL is truncated, then a filler
   file takes every free block, so the next commit cannot grow the WAL and the
   kernel answers ENOSPC. *Read-only file*: ``chattr +i`` on the database and
   its WAL makes the kernel refuse every write, even through descriptors the
