@@ -339,7 +339,8 @@ class OidcVerifier:
         try:
             with self._opener.open(request, timeout=self.timeout) as response:
                 declared = response.headers.get("Content-Length")
-                if declared and declared.isdigit() and int(declared) > self.max_bytes:
+                # isascii first: "²".isdigit() is true, and int("²") raises.
+                if declared and declared.isascii() and declared.isdigit() and int(declared) > self.max_bytes:
                     raise OidcUnavailable(
                         f"the identity provider's JWKS is larger than {self.max_bytes} bytes"
                     )

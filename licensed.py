@@ -90,7 +90,7 @@ _REASONS = {
 LICENSE_BODY = openapi.obj(
     {
         "key": openapi.string(1, 8192),
-        "machine_id": openapi.string(1, 256),
+        "machine_id": openapi.string(1, 256, pattern=licensing.MACHINE_ID_PATTERN),
         "product": openapi.string(1, 64),
     },
     required=["key"],

@@ -6,13 +6,15 @@ time at the exact paid-through, grace and expiry boundaries.
 
 from __future__ import annotations
 
+import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import keys
 import mailer
-from errors import InvalidToken, NotFound, ValidationFailed
+from errors import InvalidToken, NotFound, StorageUnavailable, ValidationFailed
 from keys import KeyRing
 from plans import Catalog, Plan
 from store import License, Store, new_id
@@ -43,6 +45,8 @@ ALL_CODES = (
     DEACTIVATED,
     MACHINE_NOT_ACTIVATED,
 )
+
+log = logging.getLogger("licensed.licensing")
 
 SEEN_WRITE_INTERVAL = 3600
 """A machine's ``last_seen_at`` is rewritten at most hourly, so validation stays read-only."""
@@ -258,6 +262,17 @@ def issue_license(
 # --- validate, activate, deactivate --------------------------------------------
 
 
+MACHINE_ID_PATTERN = (
+    "^[^\\x00-\\x1f\\x7f-\\xa0\\xad\\u0600-\\u0605\\u061c\\u06dd\\u070f\\u1680\\u180e"
+    "\\u2000-\\u200f\\u2028-\\u202f\\u205f-\\u206f\\u3000\\ue000-\\uf8ff\\ufeff\\ufff9-\\ufffb]+$"
+)
+"""What ``/openapi.json`` says a machine id is, and exactly what the server accepts:
+printable characters, i.e. no controls, no invisible format or separator characters
+(zero-width, bidi overrides, line separators), no private use. One rule for the
+document and the check, so generated clients and the server agree on every string."""
+MACHINE_ID = re.compile(MACHINE_ID_PATTERN.strip("^$"))
+
+
 @dataclass(frozen=True)
 class LicenseRequest:
     key: str
@@ -267,7 +282,7 @@ class LicenseRequest:
     @classmethod
     def from_body(cls, body: dict[str, Any], machine_required: bool) -> LicenseRequest:
         machine_id = body.get("machine_id")
-        if machine_id is not None and not machine_id.isprintable():
+        if machine_id is not None and not MACHINE_ID.fullmatch(machine_id):
             raise ValidationFailed("machine_id must be printable characters")
         if machine_required and machine_id is None:
             raise ValidationFailed("machine_id is required")
@@ -317,7 +332,13 @@ class Licensing:
         machine_hash = keys.machine_hash(req.machine_id) if req.machine_id else None
         if code in VALID_CODES:
             if lic.key_kid != self.ring.current.kid:
-                lic = self._restamp(lic.id, now) or lic
+                try:
+                    lic = self._restamp(lic.id, now) or lic
+                except StorageUnavailable:
+                    # The key the row holds still verifies: answer from reads, re-issue later.
+                    log.warning(
+                        "key not re-issued: the database cannot be written", extra={"license": lic.id}
+                    )
             if machine_hash is not None:
                 activated, machines_used = self._seat(lic, machine_hash, now)
                 if not activated:
@@ -357,15 +378,21 @@ class Licensing:
         seen, used = self.store.machine_state(lic.id, machine_hash)
         if seen is not None and now - seen < SEEN_WRITE_INTERVAL:
             return True, used
-        with self.store.atomic():
-            seen, used = self.store.machine_state(lic.id, machine_hash)
-            if seen is not None:
-                self.store.touch_machine(lic.id, machine_hash, now)
-                return True, used
-            if used >= lic.max_machines:
-                return False, used
-            self.store.add_machine(lic.id, machine_hash, now)
-            return True, used + 1
+        try:
+            with self.store.atomic():
+                seen, used = self.store.machine_state(lic.id, machine_hash)
+                if seen is not None:
+                    self.store.touch_machine(lic.id, machine_hash, now)
+                    return True, used
+                if used >= lic.max_machines:
+                    return False, used
+                self.store.add_machine(lic.id, machine_hash, now)
+                return True, used + 1
+        except StorageUnavailable:
+            if seen is None:
+                raise  # a new seat needs the write
+            # Already seated: only the last-seen stamp is lost, and it can wait.
+            return True, used
 
     def deactivate(self, req: LicenseRequest, now: int) -> dict[str, Any]:
         lic, _parsed, stop = self._load(req)

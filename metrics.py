@@ -250,4 +250,4 @@ def routes(services: Services, registry: Metrics = REGISTRY) -> list[Route]:
         text = registry.render(services.store, services.clock())
         return Response(raw=text.encode("utf-8"), content_type=CONTENT_TYPE)
 
-    return [Route("GET", "/metrics", handler, "Prometheus metrics", tag="ops")]
+    return [Route("GET", "/metrics", handler, "Prometheus metrics", tag="ops", media_type="text/plain")]

@@ -72,7 +72,7 @@ def check(value: Any, schema: Schema, where: str = "body") -> None:
             raise ValidationFailed(f"{where} is too long")
         pattern = schema.get("pattern")
         if pattern is not None:
-            compiled = _PATTERNS.setdefault(pattern, re.compile(pattern))
+            compiled = _PATTERNS.get(pattern) or _PATTERNS.setdefault(pattern, _compile(pattern))
             if not compiled.search(value):
                 raise ValidationFailed(f"{where} has the wrong form")
         if "enum" in schema and value not in schema["enum"]:
@@ -92,6 +92,17 @@ def check(value: Any, schema: Schema, where: str = "body") -> None:
             raise ValidationFailed(f"{where} has too many items")
         for index, item in enumerate(value):
             check(item, schema.get("items", {}), f"{where}[{index}]")
+
+
+def _compile(pattern: str) -> re.Pattern[str]:
+    """A JSON Schema (ECMA-262) pattern for Python: a final ``$`` is the end of the text.
+
+    Python's ``$`` also matches before a trailing newline, so ``^[a-z]+$`` would let
+    ``"abc\\n"`` through where the published schema does not.
+    """
+    if pattern.endswith("$") and not pattern.endswith("\\$"):
+        pattern = pattern[:-1] + r"\Z"
+    return re.compile(pattern)
 
 
 def _join(where: str, name: str) -> str:
@@ -115,6 +126,8 @@ class RouteInfo(Protocol):
     def status(self) -> int: ...
     @property
     def tag(self) -> str: ...
+    @property
+    def media_type(self) -> str: ...
 
 
 SECURITY_SCHEMES: dict[str, Schema] = {
@@ -136,7 +149,7 @@ def document(routes: Iterable[RouteInfo], base_url: str, version: str) -> dict[s
             "responses": {
                 str(route.status): {
                     "description": "success",
-                    "content": {"application/json": {"schema": route.response or {"type": "object"}}},
+                    "content": {route.media_type: {"schema": route.response or _any_body(route.media_type)}},
                 },
                 "default": {"$ref": "#/components/responses/Error"},
             },
@@ -154,7 +167,7 @@ def document(routes: Iterable[RouteInfo], base_url: str, version: str) -> dict[s
         if route.body is not None:
             operation["requestBody"] = {
                 "required": True,
-                "content": {"application/json": {"schema": route.body}},
+                "content": {"application/json": {"schema": _as_checked(route.body)}},
             }
         if route.auth in SECURITY_SCHEMES:
             operation["security"] = [{route.auth: []}]
@@ -179,6 +192,27 @@ def document(routes: Iterable[RouteInfo], base_url: str, version: str) -> dict[s
             "securitySchemes": SECURITY_SCHEMES,
         },
     }
+
+
+def _as_checked(schema: Schema) -> Schema:
+    """The request schema as :func:`check` applies it: an optional property may be ``null``.
+
+    The checker treats ``null`` like an absent optional field, so the document says so.
+    """
+    if schema.get("type") != "object":
+        return schema
+    required = set(schema.get("required", ()))
+    properties = {}
+    for name, sub in (schema.get("properties") or {}).items():
+        sub = _as_checked(sub)
+        if name not in required and isinstance(sub.get("type"), str):
+            sub = {**sub, "type": [sub["type"], "null"]}
+        properties[name] = sub
+    return {**schema, "properties": properties}
+
+
+def _any_body(media_type: str) -> Schema:
+    return {"type": "object"} if media_type == "application/json" else {"type": "string"}
 
 
 def _operation_id(method: str, path: str) -> str:

@@ -14,6 +14,7 @@ Every value goes through ``?``. ``sqlite3`` errors are translated here into
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import sqlite3
 import threading
@@ -280,7 +281,13 @@ class Store:
         if conn is None:
             conn = self._connect()
             self._local.conn = conn
+            self._local.opened_read_only = not self._writable()
         return conn
+
+    def _writable(self) -> bool:
+        """Whether SQLite can open the database and its WAL for writing right now."""
+        wal = self.path.with_name(self.path.name + "-wal")
+        return os.access(self.path, os.W_OK) and (not wal.exists() or os.access(wal, os.W_OK))
 
     def _connect(self) -> sqlite3.Connection:
         try:
@@ -315,6 +322,11 @@ class Store:
         """
         conn = self.conn
         nested = conn.in_transaction
+        if not nested and getattr(self._local, "opened_read_only", False):
+            # SQLite opened this connection read-only (the file could not be written
+            # then) and it stays so: open afresh for the write, in case that has changed.
+            self._discard(conn)
+            conn = self.conn
         savepoint = f"sp_{secrets.token_hex(4)}"
         try:
             conn.execute(f"SAVEPOINT {savepoint}" if nested else "BEGIN IMMEDIATE")
@@ -334,15 +346,40 @@ class Store:
             if not nested and conn.in_transaction:
                 with suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
+            if not nested:
+                self._discard(conn)
             raise StorageUnavailable(f"database write failed: {err}") from err
+        except StorageUnavailable:
+            if not nested:
+                self._discard(conn)
+            raise
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        conn = self.conn
         try:
-            return self.conn.execute(sql, params)
+            return conn.execute(sql, params)
         except sqlite3.IntegrityError as err:
             raise Conflict(f"conflicting write: {err}") from err
         except sqlite3.Error as err:
+            if not conn.in_transaction:
+                self._discard(conn)
             raise StorageUnavailable(f"database error: {err}") from err
+
+    def _discard(self, conn: sqlite3.Connection) -> None:
+        """Forget this thread's connection after a storage error; the next use opens a fresh one.
+
+        A connection opened while the file could not be written (an immutable
+        file, a read-only file system) stays read-only for its whole life, so
+        without this a fault that has been cleared would go on failing the
+        writes of whichever threads met it.
+        """
+        if getattr(self._local, "conn", None) is conn:
+            self._local.conn = None
+        with self._all_lock:
+            if conn in self._all:
+                self._all.remove(conn)
+        with suppress(sqlite3.Error):
+            conn.close()
 
     def one(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
         row: sqlite3.Row | None = self.execute(sql, params).fetchone()

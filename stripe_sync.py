@@ -121,9 +121,11 @@ def verify_signature(payload: bytes, header: str | None, secrets: tuple[str, ...
     signatures: list[str] = []
     for part in header.split(","):
         name, _, value = part.strip().partition("=")
-        if name == "t" and value.isdigit() and len(value) <= 12:
+        # isascii first: "²".isdigit() is true, and int("²") raises.
+        if name == "t" and value.isascii() and value.isdigit() and len(value) <= 12:
             timestamp = int(value)
-        elif name == "v1" and value:
+        elif name == "v1" and value and value.isascii():
+            # hmac.compare_digest refuses non-ASCII text with a TypeError.
             signatures.append(value)
     if timestamp is None or not signatures:
         raise WebhookSignatureError("the Stripe-Signature header is malformed")
@@ -1043,8 +1045,14 @@ def setup_webhook_endpoint(gateway: StripeGateway, base_url: str) -> tuple[str, 
 
 # --- HTTP routes --------------------------------------------------------------------------------
 
+# Spelled out rather than ``\s``: Python's ``\s`` also matches U+001C..U+001F and U+0085,
+# JSON Schema's (ECMA-262) does not, so the document and the check would disagree.
+_NOT_IN_EMAIL = "@\\x00-\\x20\\x7f-\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000\\ufeff"
 CHECKOUT_BODY = openapi.obj(
-    {"plan": openapi.string(1, 64), "email": openapi.string(3, 254, pattern=r"^[^@\s]+@[^@\s]+$")},
+    {
+        "plan": openapi.string(1, 64),
+        "email": openapi.string(3, 254, pattern=f"^[^{_NOT_IN_EMAIL}]+@[^{_NOT_IN_EMAIL}]+$"),
+    },
     required=["plan"],
 )
 PORTAL_BODY = openapi.obj({"key": openapi.string(1, 8192)})

@@ -89,9 +89,33 @@ class Request:
         except UnicodeDecodeError as err:
             raise InvalidJSON("the body is not UTF-8") from err
         try:
-            return json.loads(text, parse_constant=_reject_constant)
+            value = json.loads(text, parse_constant=_reject_constant)
         except (ValueError, RecursionError) as err:
             raise InvalidJSON() from err
+        if _has_lone_surrogate(value):
+            raise InvalidJSON("the body has a \\u escape that is not a character (a lone surrogate)")
+        return value
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """True if any string (key or value) holds a lone surrogate, which JSON's ``\\u`` escapes
+    allow but UTF-8 cannot encode: such a string would fail later, deep in a handler
+    (hashing, a call to Stripe), so it is refused with the rest of malformed JSON."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return True
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _reject_constant(name: str) -> Any:
@@ -132,6 +156,8 @@ class Route:
     """Runs before the body is read: an auth check raises before any parsing."""
     query: tuple[str, ...] = ()
     """Query-string parameters the route reads, for the API description."""
+    media_type: str = "application/json"
+    """What a successful answer is, for the API description."""
 
     @property
     def pattern(self) -> re.Pattern[str]:
