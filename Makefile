@@ -35,6 +35,7 @@ test: lint tests/node/node_modules/.installed clients/node/node_modules/.install
 
 bench: $(VENV)/.test
 	$(PY) bench/validate.py
+	$(PY) bench/latency.py
 	$(PY) bench/webhooks.py
 	$(PY) bench/reconcile.py
 	$(PY) bench/startup.py
