@@ -43,11 +43,13 @@ def client_address(remote: str, forwarded: str | None, trusted: Sequence[IPNetwo
     first address that is not itself a trusted proxy: hops further out were
     written by the client and could be anything.
     """
+    if not forwarded:
+        return remote
     try:
         address = ipaddress.ip_address(remote)
     except ValueError:
         return remote
-    if not forwarded or not any(address in net for net in trusted):
+    if not any(address in net for net in trusted):
         return remote
     hops = [h.strip() for h in forwarded.split(",") if h.strip()]
     for hop in reversed(hops):
