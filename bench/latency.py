@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -27,8 +25,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from conftest import TEST_PLANS  # noqa: E402
-from localstripe_fixtures import free_port, healthy, wait_for  # noqa: E402
+from server_proc import BASE_URL, ServerProcess, make_data_dir  # noqa: E402
 
 import licensed  # noqa: E402
 import licensing  # noqa: E402
@@ -37,29 +34,8 @@ from config import Config  # noqa: E402
 WORKERS = 64
 
 
-def start(data: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "DATA_DIR": str(data),
-        "PORT": str(port),
-        "RATE_LIMIT_PER_MINUTE": "0",
-        "LOG_LEVEL": "WARNING",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "licensed", "serve"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    wait_for(lambda: healthy(url), 30, "the server")
-    return proc, url
-
-
 def bodies(data: Path, count: int) -> list[bytes]:
-    services = licensed.build_services(Config(data_dir=data))
+    services = licensed.build_services(Config(data_dir=data, app_base_url=BASE_URL))
     try:
         plan = services.catalog.plans["team-monthly"]
         out = []
@@ -141,12 +117,12 @@ def main() -> None:
     parser.add_argument("--licences", type=int, default=50)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "data"
-        data.mkdir()
-        (data / "plans.toml").write_text(TEST_PLANS, encoding="utf-8")
+        data = make_data_dir(Path(tmp) / "data")
         licensed.init_data_dir(Config(data_dir=data), int(time.time()))
         payloads = bodies(data, args.licences)
-        proc, url = start(data)
+        server = ServerProcess(data, extra_env={"LOG_LEVEL": "WARNING"})
+        server.start()
+        url = server.url
         try:
             heading = f"validate with machine_id, {args.licences} licences, open loop"
             print(f"{heading}, {args.seconds:.0f} s per rate")
@@ -158,8 +134,7 @@ def main() -> None:
                     f"max {r['max']:.1f} ms"
                 )
         finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+            server.stop()
 
 
 if __name__ == "__main__":

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,36 +31,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import stripe_events as se  # noqa: E402
-from conftest import TEST_PLANS  # noqa: E402
-from localstripe_fixtures import free_port, healthy, wait_for  # noqa: E402
+from server_proc import BASE_URL, ServerProcess, make_data_dir  # noqa: E402
 
 import licensed  # noqa: E402
 import licensing  # noqa: E402
 from config import Config  # noqa: E402
 
 SECRET = se.SECRET
-
-
-def start(data: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "DATA_DIR": str(data),
-        "PORT": str(port),
-        "STRIPE_WEBHOOK_SECRET": SECRET,
-        "LOG_LEVEL": "WARNING",
-        "RATE_LIMIT_PER_MINUTE": "0",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "licensed", "serve"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    wait_for(lambda: healthy(url), 30, "the server")
-    return proc, url
 
 
 def subscription_event(sub_id: str, now: int) -> dict[str, Any]:
@@ -101,10 +76,10 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "data"
-        data.mkdir()
-        (data / "plans.toml").write_text(TEST_PLANS, encoding="utf-8")
-        proc, url = start(data)
+        data = make_data_dir(Path(tmp) / "data")
+        server = ServerProcess(data, extra_env={"STRIPE_WEBHOOK_SECRET": SECRET, "LOG_LEVEL": "WARNING"})
+        server.start()
+        url = server.url
         try:
             now = int(time.time())
             bodies = [se.signed(subscription_event(f"sub_bench_{i}", now), now) for i in range(args.events)]
@@ -114,7 +89,7 @@ def main() -> None:
                 f"{args.events / elapsed:.0f} events/s (each committed with fsync before its 200)"
             )
 
-            services = licensed.build_services(Config(data_dir=data))
+            services = licensed.build_services(Config(data_dir=data, app_base_url=BASE_URL))
             latencies = []
             session = requests.Session()
             for i in range(args.refunds):
@@ -149,8 +124,7 @@ def main() -> None:
                 f"max {latencies[-1]:.2f} ms"
             )
         finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+            server.stop()
 
 
 if __name__ == "__main__":

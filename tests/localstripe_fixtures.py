@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import pytest
 import requests
 import stripe
 from conftest import TEST_PLANS
+from server_proc import free_port
 
 import licensed
 import licensing
@@ -29,13 +29,6 @@ from config import Config
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 WEBHOOK_SECRET = "whsec_e2e_secret"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
