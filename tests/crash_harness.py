@@ -24,7 +24,6 @@ import hashlib
 import heapq
 import random
 import sqlite3
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,30 +32,12 @@ from typing import Any
 
 import requests
 import stripe_events as se
-from conftest import DAY, TEST_PLANS, FrozenClock
+from conftest import DAY
 from server_proc import ServerProcess, make_data_dir
 
-import licensed
-import stripe_sync
-from config import Config
-from errors import LicensedError
 from keys import KeyRing
 from plans import Catalog
 from store import License
-
-STATE_FIELDS = (
-    "status",
-    "status_reason",
-    "subscription_status",
-    "paid_through",
-    "plan",
-    "tier",
-    "features",
-    "max_machines",
-    "cancel_at_period_end",
-    "ended_at",
-    "grace_days",
-)
 
 KINDS = ("full", "living", "refund", "lost", "past_due")
 
@@ -167,35 +148,13 @@ def build_stream(rng: random.Random, subscriptions: int, base: int, tag: str) ->
 
 def expected_states(events: list[dict[str, Any]], now: int) -> dict[str, dict[str, Any]]:
     """Apply the events in order to a fresh store in-process, retrying failures as Stripe would."""
-    with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp)
-        (data / "plans.toml").write_text(TEST_PLANS, encoding="utf-8")
-        config = Config(data_dir=data)
-        clock = FrozenClock(now)
-        licensed.init_data_dir(config, now)
-        services = licensed.build_services(config, clock)
-        try:
-            processor = stripe_sync.EventProcessor(services, gateway=None)
-            pending = list(events)
-            for _ in range(len(events) + 1):
-                retry, pending = pending, []
-                for evt in retry:
-                    try:
-                        processor.process(evt, now)
-                    except LicensedError:
-                        pending.append(evt)
-                if not pending:
-                    break
-            assert not pending, [e["id"] for e in pending]
-            rows = services.store.all("SELECT * FROM licenses")
-            return {str(r["stripe_subscription_id"]): state_of(r) for r in rows}
-        finally:
-            services.store.close()
+    with se.replayed(events, now) as services:
+        rows = services.store.all("SELECT * FROM licenses")
+        return {str(r["stripe_subscription_id"]): state_of(r) for r in rows}
 
 
 def state_of(row: sqlite3.Row) -> dict[str, Any]:
-    lic = License.from_row(row)
-    return {name: getattr(lic, name) for name in STATE_FIELDS}
+    return se.license_state(License.from_row(row))
 
 
 # --- delivery bookkeeping --------------------------------------------------------------------

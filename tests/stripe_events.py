@@ -12,11 +12,21 @@ import copy
 import itertools
 import json
 import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+from conftest import TEST_PLANS, FrozenClock
+
+import licensed
 import stripe_sync
+from config import Config
+from errors import LicensedError
+from services import Services
+from store import License
 
 SECRET = "whsec_test_secret"
 _counter = itertools.count(1)
@@ -190,3 +200,53 @@ def signed(evt: dict[str, Any], timestamp: int, secret: str = SECRET) -> tuple[b
         "Stripe-Signature": stripe_sync.sign_payload(body, secret, timestamp),
         "Content-Type": "application/json; charset=utf-8",
     }
+
+
+# --- events applied in-process, as the expected outcome --------------------------------------------
+
+STATE_FIELDS = (
+    "status",
+    "status_reason",
+    "subscription_status",
+    "paid_through",
+    "plan",
+    "tier",
+    "features",
+    "max_machines",
+    "cancel_at_period_end",
+    "ended_at",
+    "grace_days",
+)
+"""What the Stripe events decide about a licence: compared across orders and crashes."""
+
+
+def license_state(lic: License) -> dict[str, Any]:
+    return {name: getattr(lic, name) for name in STATE_FIELDS}
+
+
+@contextmanager
+def replayed(events: list[dict[str, Any]], now: int) -> Iterator[Services]:
+    """A fresh store with ``events`` applied in the given order in-process, each failure
+    retried after the others as Stripe retries it, until none fails (bounded)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp)
+        (data / "plans.toml").write_text(TEST_PLANS, encoding="utf-8")
+        config = Config(data_dir=data)
+        licensed.init_data_dir(config, now)
+        services = licensed.build_services(config, FrozenClock(now))
+        try:
+            processor = stripe_sync.EventProcessor(services, gateway=None)
+            pending = list(events)
+            for _ in range(len(events) + 1):
+                retry, pending = pending, []
+                for evt in retry:
+                    try:
+                        processor.process(evt, now)
+                    except LicensedError:
+                        pending.append(evt)
+                if not pending:
+                    break
+            assert not pending, [e["id"] for e in pending]
+            yield services
+        finally:
+            services.store.close()

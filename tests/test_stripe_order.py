@@ -7,19 +7,12 @@ would. The final licence must equal the one the in-order stream produces.
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import stripe_events as se
-from conftest import DAY, T0, TEST_PLANS, FrozenClock
+from conftest import DAY, T0
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-import licensed
-import stripe_sync
-from config import Config
-from errors import LicensedError
 
 SUB = "sub_lifecycle"
 CUS = "cus_lifecycle"
@@ -69,53 +62,15 @@ def lifecycle(ends: bool = True) -> list[dict[str, Any]]:
     return events if ends else events[:-1]
 
 
-STATE_FIELDS = (
-    "status",
-    "status_reason",
-    "subscription_status",
-    "paid_through",
-    "plan",
-    "tier",
-    "features",
-    "max_machines",
-    "cancel_at_period_end",
-    "ended_at",
-    "grace_days",
-)
-
-
 def run(events: list[dict[str, Any]]) -> dict[str, Any]:
     """Deliver ``events`` in the given order, then retry failures as Stripe would."""
-    with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp)
-        (data / "plans.toml").write_text(TEST_PLANS, encoding="utf-8")
-        config = Config(data_dir=data)
-        clock = FrozenClock(T0 + 100 * DAY)
-        licensed.init_data_dir(config, int(clock()))
-        services = licensed.build_services(config, clock)
-        processor = stripe_sync.EventProcessor(services, gateway=None)
-        pending: list[dict[str, Any]] = []
-        for evt in events:
-            try:
-                processor.process(evt, int(clock()))
-            except LicensedError:
-                pending.append(evt)
-        for _ in range(len(events) + 1):
-            if not pending:
-                break
-            retry, pending = pending, []
-            for evt in retry:
-                try:
-                    processor.process(evt, int(clock()))
-                except LicensedError:
-                    pending.append(evt)
-        assert not pending, [e["type"] for e in pending]
+    with se.replayed(events, T0 + 100 * DAY) as services:
         lic = services.store.find_license("stripe_subscription_id", SUB)
         assert lic is not None
-        applied = services.store.one("SELECT COUNT(*) FROM stripe_events WHERE status = 'applied'")[0]
-        services.store.close()
-        state = {name: getattr(lic, name) for name in STATE_FIELDS}
-        state["applied_events"] = applied
+        state = se.license_state(lic)
+        state["applied_events"] = services.store.one(
+            "SELECT COUNT(*) FROM stripe_events WHERE status = 'applied'"
+        )[0]
         return state
 
 
