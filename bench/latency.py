@@ -25,35 +25,14 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from server_proc import BASE_URL, ServerProcess, make_data_dir  # noqa: E402
-
-import licensed  # noqa: E402
-import licensing  # noqa: E402
-from config import Config  # noqa: E402
+from server_proc import ServerProcess, issue_keys, make_data_dir  # noqa: E402
 
 WORKERS = 64
 
 
 def bodies(data: Path, count: int) -> list[bytes]:
-    services = licensed.build_services(Config(data_dir=data, app_base_url=BASE_URL))
-    try:
-        plan = services.catalog.plans["team-monthly"]
-        out = []
-        for i in range(count):
-            lic = licensing.issue_license(
-                services.store,
-                services.ring,
-                plan,
-                email=f"l{i}@example.com",
-                now=services.now(),
-                actor="bench",
-                days=30,
-            )
-            key = licensing.license_key(lic, services.catalog, services.ring, services.config.app_base_url)
-            out.append(json.dumps({"key": key, "machine_id": f"machine-{i}"}).encode())
-        return out
-    finally:
-        services.store.close()
+    keys = issue_keys(data, count, days=30, tag="latency")
+    return [json.dumps({"key": key, "machine_id": f"machine-{i}"}).encode() for i, key in enumerate(keys)]
 
 
 def offered(url: str, payloads: list[bytes], rate: float, seconds: float) -> dict[str, float]:
@@ -118,7 +97,6 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data = make_data_dir(Path(tmp) / "data")
-        licensed.init_data_dir(Config(data_dir=data), int(time.time()))
         payloads = bodies(data, args.licences)
         server = ServerProcess(data, extra_env={"LOG_LEVEL": "WARNING"})
         server.start()

@@ -38,11 +38,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import stripe_events as se  # noqa: E402
 from conftest import TEST_PLANS  # noqa: E402
-from server_proc import BASE_URL, ServerProcess, make_data_dir  # noqa: E402
-
-import licensed  # noqa: E402
-import licensing  # noqa: E402
-from config import Config  # noqa: E402
+from server_proc import ServerProcess, issue_keys, make_data_dir  # noqa: E402
 
 KINDS = ("validate", "validate+machine", "activate", "deactivate", "webhook")
 WEIGHTS = (30, 30, 15, 15, 10)
@@ -65,30 +61,6 @@ class Tally:
 
     def total(self) -> int:
         return sum(len(v) for v in self.latencies.values())
-
-
-def issue_licences(data: Path, count: int) -> list[str]:
-    """Issue licences straight into the server's database before it starts; returns their keys."""
-    config = Config(data_dir=data, app_base_url=BASE_URL)
-    licensed.init_data_dir(config, int(time.time()))
-    services = licensed.build_services(config)
-    try:
-        plan = services.catalog.plans["team-monthly"]
-        found = []
-        for n in range(count):
-            lic = licensing.issue_license(
-                services.store,
-                services.ring,
-                plan,
-                email=f"soak{n}@example.com",
-                now=services.now(),
-                actor="soak",
-                days=365,
-            )
-            found.append(licensing.license_key(lic, services.catalog, services.ring, BASE_URL))
-        return found
-    finally:
-        services.store.close()
 
 
 class Traffic:
@@ -174,7 +146,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         data = make_data_dir(Path(tmp) / "data", TEST_PLANS)
-        keys = issue_licences(data, args.licences)
+        keys = issue_keys(data, args.licences, days=365, tag="soak")
         server = ServerProcess(data, {"STRIPE_WEBHOOK_SECRET": se.SECRET, "LOG_LEVEL": "WARNING"})
         server.start()
         samples: list[tuple[float, int]] = []

@@ -22,7 +22,9 @@ from typing import Any
 
 import requests
 
+import licensed
 import licensing
+from config import Config
 from keys import KeyRing
 from plans import Catalog, load_catalog
 from store import License
@@ -183,3 +185,28 @@ class ServerProcess:
         done = self.cli(*args)
         assert done.returncode == 0, done.stderr
         return done.stdout.strip()
+
+
+def issue_keys(data_dir: Path, count: int, *, days: int, tag: str, plan: str = "team-monthly") -> list[str]:
+    """Issue licences straight into a data dir (before its server starts); returns their keys,
+    signed for the server's ``BASE_URL`` so it hands out no fresh ones."""
+    config = Config(data_dir=data_dir, app_base_url=BASE_URL)
+    licensed.init_data_dir(config, int(time.time()))
+    services = licensed.build_services(config)
+    try:
+        chosen = services.catalog.plans[plan]
+        keys = []
+        for n in range(count):
+            lic = licensing.issue_license(
+                services.store,
+                services.ring,
+                chosen,
+                email=f"{tag}{n}@example.com",
+                now=services.now(),
+                actor=tag,
+                days=days,
+            )
+            keys.append(licensing.license_key(lic, services.catalog, services.ring, BASE_URL))
+        return keys
+    finally:
+        services.store.close()
