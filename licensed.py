@@ -41,7 +41,6 @@ from config import Config
 from errors import ConfigError, LicensedError
 from keys import KeyRing
 from plans import EXAMPLE_PLANS, load_catalog
-from ratelimit import client_address as trusted_client
 from services import Services
 from store import open_store
 from web import Request, Response, Route, Router
@@ -203,7 +202,7 @@ class App:
         path = environ.get("PATH_INFO", "") or "/"
         request_id = _request_id(environ)
         redact.start_request()
-        client = trusted_client(
+        client = ratelimit.client_address(
             str(environ.get("REMOTE_ADDR") or ""),
             environ.get("HTTP_X_FORWARDED_FOR"),
             self.config.trusted_proxies,

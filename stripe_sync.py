@@ -741,14 +741,20 @@ class EventProcessor:
             lic.ended_at = int(ended)
         if created:
             return True
-        if licensing.key_claims(lic, "") != claims_before:
-            licensing.restamp_key(lic, self.services.ring, now)
-        return state_before != (
+        claims_changed = self._restamp_if_changed(lic, claims_before, now)
+        return claims_changed or state_before != (
             lic.subscription_status,
             lic.paid_through,
             lic.cancel_at_period_end,
             lic.plan,
-        ) or (licensing.key_claims(lic, "") != claims_before)
+        )
+
+    def _restamp_if_changed(self, lic: License, claims_before: dict[str, Any], now: int) -> bool:
+        """Re-issue the key when a claim changed, so the client is handed the new one."""
+        if licensing.key_claims(lic, "") == claims_before:
+            return False
+        licensing.restamp_key(lic, self.services.ring, now)
+        return True
 
     def _set_status(self, lic: License, status: str, version: str) -> None:
         """Last writer wins by event version; a final state is never left."""
@@ -784,8 +790,7 @@ class EventProcessor:
         self._set_status(lic, "active", _version(event))
         for ref in invoice_payment_ids(inv):
             self._remember_payment(ref, lic.id)
-        if licensing.key_claims(lic, "") != claims_before:
-            licensing.restamp_key(lic, self.services.ring, now)
+        self._restamp_if_changed(lic, claims_before, now)
         self.store.save_license(lic, now)
         self.store.audit(now, "stripe", "license.renew", lic.id, before, licensing.license_view(lic, 0))
         return Outcome("applied", lic.id, "renewed")
