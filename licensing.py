@@ -289,6 +289,17 @@ class LicenseRequest:
         return cls(key=body["key"], machine_id=machine_id, product=body.get("product"))
 
 
+@dataclass(frozen=True)
+class Loaded:
+    """A request's licence as read: the row, the verified key, and its machine's seat."""
+
+    license: License
+    parsed: keys.ParsedKey
+    seen: int | None
+    """The machine's ``last_seen_at``; None when it holds no seat (or none was named)."""
+    used: int
+
+
 class Licensing:
     """The licence routes' logic over one store, key ring and catalogue."""
 
@@ -305,31 +316,28 @@ class Licensing:
         """The licence's current key, re-derived from its row."""
         return license_key(lic, self.catalog, self.ring, self.issuer)
 
-    def _load(
-        self, req: LicenseRequest
-    ) -> tuple[License, keys.ParsedKey, None] | tuple[None, None, dict[str, Any]]:
-        """The licence a key names (and the verified key), or the outcome that stops the request."""
+    def _load(self, req: LicenseRequest, machine_hash: str | None) -> Loaded | dict[str, Any]:
+        """The licence a key names, with its seats, or the outcome that stops the request."""
         try:
             parsed = keys.parse_license_key(req.key, self.catalog, self.ring)
         except InvalidToken:
-            return None, None, {"valid": False, "code": INVALID_KEY}
+            return {"valid": False, "code": INVALID_KEY}
         if req.product is not None and req.product != parsed.product.id:
-            return None, None, {"valid": False, "code": PRODUCT_MISMATCH}
-        lic = self.store.get_license(parsed.claims["sub"])
+            return {"valid": False, "code": PRODUCT_MISMATCH}
+        lic, seen, used = self.store.license_seats(parsed.claims["sub"], machine_hash)
         if lic is None or lic.product != parsed.product.id:
-            return None, None, {"valid": False, "code": NOT_FOUND}
-        return lic, parsed, None
+            return {"valid": False, "code": NOT_FOUND}
+        return Loaded(lic, parsed, seen, used)
 
     def check(self, req: LicenseRequest, now: int) -> dict[str, Any]:
         """Validate (and, with a machine id, activate when a seat is free)."""
-        lic, parsed, stop = self._load(req)
-        if lic is None or parsed is None:
-            assert stop is not None
-            return stop
+        machine_hash = keys.machine_hash(req.machine_id) if req.machine_id else None
+        loaded = self._load(req, machine_hash)
+        if not isinstance(loaded, Loaded):
+            return loaded
+        lic, parsed, machines_used = loaded.license, loaded.parsed, loaded.used
         code = entitlement(lic, now)
         activated = False
-        machines_used: int | None = None
-        machine_hash = keys.machine_hash(req.machine_id) if req.machine_id else None
         if code in VALID_CODES:
             if lic.key_kid != self.ring.current.kid:
                 try:
@@ -340,11 +348,9 @@ class Licensing:
                         "key not re-issued: the database cannot be written", extra={"license": lic.id}
                     )
             if machine_hash is not None:
-                activated, machines_used = self._seat(lic, machine_hash, now)
+                activated, machines_used = self._seat(lic, machine_hash, now, loaded.seen, loaded.used)
                 if not activated:
                     code = TOO_MANY_MACHINES
-        if machines_used is None:
-            machines_used = self.store.count_machines(lic.id)
         answer: dict[str, Any] = {
             "valid": code in VALID_CODES,
             "code": code,
@@ -370,12 +376,15 @@ class Licensing:
                 self.store.save_license(lic, now)
         return lic
 
-    def _seat(self, lic: License, machine_hash: str, now: int) -> tuple[bool, int]:
+    def _seat(
+        self, lic: License, machine_hash: str, now: int, seen: int | None, used: int
+    ) -> tuple[bool, int]:
         """Take a seat for the machine, or confirm it has one; never over the limit.
 
-        Returns whether the machine has a seat, and how many seats are taken.
+        ``seen`` and ``used`` are what the request read; a write re-reads them
+        inside its transaction. Returns whether the machine has a seat, and how
+        many seats are taken.
         """
-        seen, used = self.store.machine_state(lic.id, machine_hash)
         if seen is not None and now - seen < SEEN_WRITE_INTERVAL:
             return True, used
         try:
@@ -395,18 +404,18 @@ class Licensing:
             return True, used
 
     def deactivate(self, req: LicenseRequest, now: int) -> dict[str, Any]:
-        lic, _parsed, stop = self._load(req)
-        if lic is None:
-            assert stop is not None
-            return {**stop, "deactivated": False}
         assert req.machine_id is not None
+        machine_hash = keys.machine_hash(req.machine_id)
+        loaded = self._load(req, machine_hash)
+        if not isinstance(loaded, Loaded):
+            return {**loaded, "deactivated": False}
         with self.store.atomic():
-            removed = self.store.remove_machine(lic.id, keys.machine_hash(req.machine_id))
+            removed = self.store.remove_machine(loaded.license.id, machine_hash)
         return {
-            "valid": entitlement(lic, now) in VALID_CODES,
+            "valid": entitlement(loaded.license, now) in VALID_CODES,
             "code": DEACTIVATED if removed else MACHINE_NOT_ACTIVATED,
             "deactivated": removed,
-            "license": license_view(lic, self.store.count_machines(lic.id)),
+            "license": license_view(loaded.license, self.store.count_machines(loaded.license.id)),
         }
 
     def require_plan(self, plan_id: str) -> Plan:

@@ -231,7 +231,8 @@ class License:
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> License:
-        data = dict(row)
+        """A licence from a row that starts with :data:`LICENSE_SELECT` (more columns may follow)."""
+        data = dict(zip(LICENSE_COLUMNS, row, strict=False))
         data["features"] = json.loads(data["features"])
         data["lifetime"] = bool(data["lifetime"])
         data["cancel_at_period_end"] = bool(data["cancel_at_period_end"])
@@ -262,6 +263,8 @@ class License:
 
 
 LICENSE_COLUMNS = tuple(f.name for f in fields(License))
+LICENSE_SELECT = ", ".join(f"licenses.{name}" for name in LICENSE_COLUMNS)
+"""The columns :meth:`License.from_row` reads, in its order, whatever order the table has."""
 
 
 class Store:
@@ -493,13 +496,15 @@ class Store:
         self.execute(f"UPDATE licenses SET {assignments} WHERE id = ?", [*row.values(), lic.id])
 
     def get_license(self, license_id: str) -> License | None:
-        row = self.one("SELECT * FROM licenses WHERE id = ?", (license_id,))
+        row = self.one(f"SELECT {LICENSE_SELECT} FROM licenses WHERE id = ?", (license_id,))
         return License.from_row(row) if row else None
 
     def find_license(self, column: str, value: str) -> License | None:
         if column not in LICENSE_COLUMNS:
             raise ValueError(column)
-        row = self.one(f"SELECT * FROM licenses WHERE {column} = ? ORDER BY created_at LIMIT 1", (value,))
+        row = self.one(
+            f"SELECT {LICENSE_SELECT} FROM licenses WHERE {column} = ? ORDER BY created_at LIMIT 1", (value,)
+        )
         return License.from_row(row) if row else None
 
     def kids_in_use(self, now: int) -> set[str]:
@@ -641,7 +646,7 @@ class Store:
             return []
         marks = ", ".join("?" for _ in customer_ids)
         rows = self.all(
-            f"SELECT * FROM licenses WHERE customer_id IN ({marks}) ORDER BY created_at, id",
+            f"SELECT {LICENSE_SELECT} FROM licenses WHERE customer_id IN ({marks}) ORDER BY created_at, id",
             list(customer_ids),
         )
         return [License.from_row(r) for r in rows]
@@ -757,6 +762,27 @@ class Store:
             (kid, until),
         )
 
+    def license_seats(
+        self, license_id: str, machine_hash: str | None
+    ) -> tuple[License | None, int | None, int]:
+        """The licence, its machine's ``last_seen_at`` (None: no seat) and the seats taken.
+
+        One statement, because a validation reads all three and each statement
+        hands SQLite's work to other threads (the GIL is released around every
+        step): one read instead of two is what keeps validation fast under load.
+        """
+        row = self.one(
+            f"SELECT {LICENSE_SELECT},"
+            " (SELECT last_seen_at FROM machines WHERE license_id = licenses.id AND machine_hash = ?),"
+            " (SELECT COUNT(*) FROM machines WHERE license_id = licenses.id)"
+            " FROM licenses WHERE id = ?",
+            (machine_hash, license_id),
+        )
+        if row is None:
+            return None, None, 0
+        seen, used = row[-2], row[-1]
+        return License.from_row(row), (None if seen is None else int(seen)), int(used)
+
     def machine_state(self, license_id: str, machine_hash: str) -> tuple[int | None, int]:
         """The machine's ``last_seen_at`` (None: no seat) and the seats taken, in one read."""
         row = self.one(
@@ -774,12 +800,14 @@ class Store:
         """Every licence whose ``column`` equals ``value``, oldest first."""
         if column not in LICENSE_COLUMNS:
             raise ValueError(column)
-        rows = self.all(f"SELECT * FROM licenses WHERE {column} = ? ORDER BY created_at, id", (value,))
+        rows = self.all(
+            f"SELECT {LICENSE_SELECT} FROM licenses WHERE {column} = ? ORDER BY created_at, id", (value,)
+        )
         return [License.from_row(r) for r in rows]
 
     def licenses_by_email(self, email: str) -> list[License]:
         rows = self.all(
-            "SELECT licenses.* FROM licenses JOIN customers ON customers.id = licenses.customer_id"
+            f"SELECT {LICENSE_SELECT} FROM licenses JOIN customers ON customers.id = licenses.customer_id"
             " WHERE customers.email = ? COLLATE NOCASE ORDER BY licenses.created_at, licenses.id",
             (email,),
         )
@@ -787,7 +815,7 @@ class Store:
 
     def licenses_by_stripe_customer(self, stripe_customer_id: str) -> list[License]:
         rows = self.all(
-            "SELECT licenses.* FROM licenses JOIN customers ON customers.id = licenses.customer_id"
+            f"SELECT {LICENSE_SELECT} FROM licenses JOIN customers ON customers.id = licenses.customer_id"
             " WHERE licenses.stripe_customer_id = ? OR customers.stripe_customer_id = ?"
             " ORDER BY licenses.created_at, licenses.id",
             (stripe_customer_id, stripe_customer_id),
@@ -795,7 +823,7 @@ class Store:
         return [License.from_row(r) for r in rows]
 
     def iter_licenses(self) -> Iterator[License]:
-        for row in self.execute("SELECT * FROM licenses ORDER BY created_at, id"):
+        for row in self.execute(f"SELECT {LICENSE_SELECT} FROM licenses ORDER BY created_at, id"):
             yield License.from_row(row)
 
     def machine_rows(self, license_id: str) -> list[sqlite3.Row]:
