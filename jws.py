@@ -51,15 +51,19 @@ _B64URL_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01234567
 _B64URL_TEXT = re.compile(r"[A-Za-z0-9_-]+")
 
 
-def _compact_json(value: Mapping[str, Any]) -> bytes:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=True).encode()
+_COMPACT = json.JSONEncoder(separators=(",", ":"), sort_keys=True, ensure_ascii=True)
+
+
+def compact_json(value: Mapping[str, Any]) -> bytes:
+    """The exact bytes :func:`sign` signs for ``value``: keys sorted, no spaces, ASCII."""
+    return _COMPACT.encode(value).encode()
 
 
 def sign(claims: Mapping[str, Any], signing_key: nacl.signing.SigningKey, kid: str) -> str:
     """Sign ``claims``; deterministic, so the same claims give the same token."""
     if not isinstance(claims.get("exp"), int):
         raise ValueError("exp is mandatory")
-    signing_input = f"{_header_segment(kid)}.{b64url_encode(_compact_json(claims))}"
+    signing_input = f"{_header_segment(kid)}.{b64url_encode(compact_json(claims))}"
     signature = signing_key.sign(signing_input.encode("ascii")).signature
     return f"{signing_input}.{b64url_encode(signature)}"
 
@@ -67,7 +71,7 @@ def sign(claims: Mapping[str, Any], signing_key: nacl.signing.SigningKey, kid: s
 @functools.lru_cache(maxsize=64)
 def _header_segment(kid: str) -> str:
     """The encoded header: the same for every token a key signs."""
-    return b64url_encode(_compact_json({"alg": ALGORITHM, "typ": "JWT", "kid": kid}))
+    return b64url_encode(compact_json({"alg": ALGORITHM, "typ": "JWT", "kid": kid}))
 
 
 def verify(

@@ -29,6 +29,7 @@ import nacl.signing
 
 import jws
 from errors import ConfigError, InvalidToken
+from memo import BoundedCache
 from plans import Catalog, Product
 
 LIFETIME_SECONDS = 100 * 365 * 86400
@@ -203,23 +204,6 @@ def machine_hash(machine_id: str) -> str:
     return hashlib.sha256(machine_id.encode("utf-8")).hexdigest()
 
 
-class BoundedCache:
-    """A dict that forgets everything once it holds ``size`` entries: O(1), no lock needed
-    beyond the dict's own atomic operations, and memory stays bounded."""
-
-    def __init__(self, size: int = 10_000) -> None:
-        self.size = size
-        self._data: dict[Any, Any] = {}
-
-    def get(self, key: Any) -> Any:
-        return self._data.get(key)
-
-    def put(self, key: Any, value: Any) -> None:
-        if len(self._data) >= self.size:
-            self._data.clear()
-        self._data[key] = value
-
-
 _signed = BoundedCache()
 """Ed25519 is deterministic: the same claims and key always give the same token."""
 _verified = BoundedCache()
@@ -231,7 +215,7 @@ def sign_claims(ring: KeyRing, claims: dict[str, Any], kid: str | None = None) -
     key = ring.get(kid) if kid else ring.current
     if key is None:
         raise InvalidToken("signing key is gone")
-    memo = (key.kid, json.dumps(claims, sort_keys=True, separators=(",", ":")))
+    memo = (key.kid, jws.compact_json(claims))
     token: str | None = _signed.get(memo)
     if token is None:
         token = jws.sign(claims, key.key, key.kid)

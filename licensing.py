@@ -324,7 +324,7 @@ class Licensing:
             return {"valid": False, "code": INVALID_KEY}
         if req.product is not None and req.product != parsed.product.id:
             return {"valid": False, "code": PRODUCT_MISMATCH}
-        lic, seen, used = self.store.license_seats(parsed.claims["sub"], machine_hash)
+        lic, seen, used = self.store.license_seats_recent(parsed.claims["sub"], machine_hash)
         if lic is None or lic.product != parsed.product.id:
             return {"valid": False, "code": NOT_FOUND}
         return Loaded(lic, parsed, seen, used)

@@ -122,11 +122,25 @@ class Redactor:
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         self.secrets = tuple(s for s in secrets if s)
         self._secrets_ordered = _longest_first(self.secrets)
+        self._request_memo: tuple[tuple[str, ...], tuple[str, ...]] = ((), self._secrets_ordered)
 
     def clean(self, value: Any, name: str | None = None) -> Any:
-        request = _request_values.get()
-        literals = _longest_first((*self.secrets, *request)) if request else self._secrets_ordered
+        literals = self._literals(_request_values.get())
+        if type(value) is dict and name is None:
+            flat = _clean_flat(value, literals)
+            if flat is not None:
+                return flat
         return self._clean(value, name, literals)
+
+    def _literals(self, request: tuple[str, ...]) -> tuple[str, ...]:
+        """The configured secrets and the request's values, longest first (once per request)."""
+        if not request:
+            return self._secrets_ordered
+        memo = self._request_memo  # one read: another thread may replace it meanwhile
+        if memo[0] is not request:
+            memo = (request, _longest_first((*self.secrets, *request)))
+            self._request_memo = memo
+        return memo[1]
 
     def _clean(self, value: Any, name: str | None, literals: tuple[str, ...]) -> Any:
         if name is not None and is_sensitive_name(name) and value not in (None, "", [], {}):
@@ -143,3 +157,31 @@ class Redactor:
         if isinstance(value, bool | int | float):
             return value
         return _redact(str(value), literals)
+
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _clean_flat(entry: dict[Any, Any], literals: tuple[str, ...]) -> dict[str, Any] | None:
+    """A flat entry (scalar values only) with nothing secret-shaped in any of its text:
+    only sensitive field names are masked. None when the full walk is needed.
+
+    Most log lines (every access line) are such entries; one search over all
+    their text together replaces a search per field. Joining can only add
+    matches across fields, never hide one, so a false alarm just takes the
+    full walk.
+    """
+    texts = []
+    for value in entry.values():
+        kind = type(value)
+        if kind is str:
+            texts.append(value)
+        elif kind not in _SCALARS:
+            return None
+    blob = "\n".join(texts)
+    if _SUSPECT.search(blob) or any(literal in blob for literal in literals):
+        return None
+    return {
+        str(name): MASK if value not in (None, "") and is_sensitive_name(str(name)) else value
+        for name, value in entry.items()
+    }

@@ -18,15 +18,23 @@ import os
 import secrets
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from changes import ChangeCounter
 from errors import Conflict, StorageUnavailable
+from memo import BoundedCache
 
 BUSY_TIMEOUT_MS = 5000
+
+RECENT_READ_SECONDS = 2.0
+"""Longest a remembered read is served. Writes made through :class:`Store` (any
+process) end it at once; this bounds the rest: an edit with the ``sqlite3``
+shell, or a writer killed between its commit and telling the others."""
 
 PRAGMAS: tuple[tuple[str, str, object], ...] = (
     # (pragma, value set, value expected when read back)
@@ -275,6 +283,12 @@ class Store:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
+        self._changes: ChangeCounter | None = None
+        self._recent = BoundedCache(50_000)
+
+    @property
+    def changes_path(self) -> Path:
+        return self.path.with_name(self.path.name + "-changes")
 
     # --- connections and transactions ---------------------------------------
 
@@ -306,6 +320,12 @@ class Store:
         except sqlite3.Error as err:
             raise StorageUnavailable(f"cannot open database {self.path}: {err}") from err
         with self._all_lock:
+            if self._changes is None:
+                try:
+                    self._changes = ChangeCounter(self.changes_path)
+                except OSError as err:
+                    conn.close()
+                    raise StorageUnavailable(f"cannot open {self.changes_path}: {err}") from err
             self._all.append(conn)
         return conn
 
@@ -314,7 +334,16 @@ class Store:
             for conn in self._all:
                 conn.close()
             self._all.clear()
+            if self._changes is not None:
+                self._changes.close()
+                self._changes = None
+            self._recent.clear()
         self._local = threading.local()
+
+    def _committed(self, conn: sqlite3.Connection, changes_before: int) -> None:
+        """Tell every process's remembered reads that a commit changed rows."""
+        if conn.total_changes != changes_before and self._changes is not None:
+            self._changes.bump()
 
     @contextmanager
     def atomic(self) -> Iterator[sqlite3.Connection]:
@@ -331,6 +360,7 @@ class Store:
             self._discard(conn)
             conn = self.conn
         savepoint = f"sp_{secrets.token_hex(4)}"
+        changes_before = conn.total_changes
         try:
             conn.execute(f"SAVEPOINT {savepoint}" if nested else "BEGIN IMMEDIATE")
             try:
@@ -343,6 +373,8 @@ class Store:
                     conn.execute("ROLLBACK")
                 raise
             conn.execute(f"RELEASE {savepoint}" if nested else "COMMIT")
+            if not nested:
+                self._committed(conn, changes_before)
         except sqlite3.IntegrityError as err:
             raise Conflict(f"conflicting write: {err}") from err
         except sqlite3.Error as err:
@@ -359,8 +391,12 @@ class Store:
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
         conn = self.conn
+        changes_before = conn.total_changes
         try:
-            return conn.execute(sql, params)
+            cursor = conn.execute(sql, params)
+            if not conn.in_transaction:
+                self._committed(conn, changes_before)  # a write outside atomic() commits at once
+            return cursor
         except sqlite3.IntegrityError as err:
             raise Conflict(f"conflicting write: {err}") from err
         except sqlite3.Error as err:
@@ -782,6 +818,29 @@ class Store:
             return None, None, 0
         seen, used = row[-2], row[-1]
         return License.from_row(row), (None if seen is None else int(seen)), int(used)
+
+    def license_seats_recent(
+        self, license_id: str, machine_hash: str | None
+    ) -> tuple[License | None, int | None, int]:
+        """:meth:`license_seats`, remembered until the next commit anywhere.
+
+        An installation that validates again and again (a restart loop, a
+        script) is answered from memory, with no SQLite step, so it does not
+        slow the others. The answer is shared: callers must not change it.
+        """
+        changes = self._changes
+        if changes is None:
+            return self.license_seats(license_id, machine_hash)
+        count = changes.read()  # before the read: a commit after this one ends the memo
+        key = (license_id, machine_hash)
+        moment = time.monotonic()
+        memo = self._recent.get(key)
+        if memo is not None and memo[0] == count and moment < memo[1]:
+            answer: tuple[License | None, int | None, int] = memo[2]
+            return answer
+        answer = self.license_seats(license_id, machine_hash)
+        self._recent.put(key, (count, moment + RECENT_READ_SECONDS, answer))
+        return answer
 
     def machine_state(self, license_id: str, machine_hash: str) -> tuple[int | None, int]:
         """The machine's ``last_seen_at`` (None: no seat) and the seats taken, in one read."""

@@ -89,7 +89,7 @@ class Request:
         except UnicodeDecodeError as err:
             raise InvalidJSON("the body is not UTF-8") from err
         try:
-            value = json.loads(text, parse_constant=_reject_constant)
+            value = _DECODER.decode(text)
         except (ValueError, RecursionError) as err:
             raise InvalidJSON() from err
         # A lone surrogate can only come from a \u escape for one (d800-dfff).
@@ -123,6 +123,11 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+# Built once: ``json.loads``/``json.dumps`` with options build a new codec on every call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 @dataclass
 class Response:
     body: Any = None
@@ -136,7 +141,7 @@ class Response:
     def encode(self) -> bytes:
         if self.raw is not None:
             return self.raw
-        return json.dumps(self.body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        return _ENCODER.encode(self.body).encode("utf-8")
 
 
 # --- routing -----------------------------------------------------------------------

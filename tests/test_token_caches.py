@@ -10,6 +10,7 @@ import jws
 import keys
 import licensing
 from errors import InvalidToken
+from memo import BoundedCache
 from services import Services
 
 
@@ -41,7 +42,7 @@ def test_remembered_signatures_equal_fresh_ones(services: Services) -> None:
 
 
 def test_the_memo_is_bounded() -> None:
-    memo = keys.BoundedCache(size=3)
+    memo = BoundedCache(size=3)
     for number in range(10):
         memo.put(number, number)
         assert len(memo._data) <= 3
