@@ -274,3 +274,63 @@ def test_served_process_logs_no_secrets(tmp_path: Path) -> None:
     ]
     for secret in forbidden:
         assert secret not in text
+
+
+# --- batched writing (serve) -------------------------------------------------------------
+
+
+@pytest.fixture
+def batched(tmp_path: Path) -> Iterator[tuple[logging.Logger, licensed.LineHandler, Path]]:
+    path = tmp_path / "stderr"
+    with path.open("w", encoding="utf-8") as stream:
+        handler = licensed.LineHandler(stream)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger = logging.getLogger(f"test.batched.{tmp_path.name}")
+        logger.propagate = False
+        logger.setLevel(logging.INFO)
+        logger.addHandler(handler)
+        try:
+            yield logger, handler, path
+        finally:
+            logger.removeHandler(handler)
+            handler.close()
+
+
+def test_batched_info_lines_wait_and_a_warning_keeps_their_order(
+    batched: tuple[logging.Logger, licensed.LineHandler, Path],
+) -> None:
+    logger, handler, path = batched
+    handler.buffer(interval=3600)  # the flusher will not fire during this test
+    logger.info("one")
+    logger.info("two")
+    assert path.read_text() == ""  # queued, no write(2) on the logging thread
+    logger.warning("three")
+    assert path.read_text() == "one\ntwo\nthree\n"
+    logger.info("four")
+    handler.close()  # a clean stop writes what is queued
+    assert path.read_text() == "one\ntwo\nthree\nfour\n"
+
+
+def test_batched_lines_go_out_within_the_interval(
+    batched: tuple[logging.Logger, licensed.LineHandler, Path],
+) -> None:
+    logger, handler, path = batched
+    handler.buffer(interval=0.05)
+    lines = [f"line {n}" for n in range(100)]
+    writers = [threading.Thread(target=lambda n=n: [logger.info(x) for x in lines[n::4]]) for n in range(4)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(timeout=10)
+    deadline = time.monotonic() + 10
+    while path.read_text().count("\n") < len(lines) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert sorted(path.read_text().splitlines()) == sorted(lines)  # each line once, whole
+
+
+def test_unbuffered_lines_are_written_at_once(
+    batched: tuple[logging.Logger, licensed.LineHandler, Path],
+) -> None:
+    logger, _handler, path = batched
+    logger.info("now")
+    assert path.read_text() == "now\n"

@@ -28,6 +28,7 @@ def test_first_start_then_sigterm_stops_cleanly(tmp_path: Path) -> None:
         assert sorted(p.name for p in data.iterdir()) == [
             "keys",
             "licensed.sqlite3",
+            "licensed.sqlite3-changes",
             "licensed.sqlite3-shm",
             "licensed.sqlite3-wal",
             "plans.toml",
