@@ -573,8 +573,12 @@ def build_services(config: Config, clock: Callable[[], float] = time.time) -> Se
 def create_server(app: App, config: Config) -> Any:
     import waitress.server
 
-    return waitress.server.create_server(
+    import channel
+
+    sockets: dict[Any, Any] = {}
+    server = waitress.server.create_server(
         app,
+        map=sockets,
         host=config.host,
         port=config.port,
         threads=config.threads,
@@ -586,6 +590,8 @@ def create_server(app: App, config: Config) -> Any:
         # would otherwise strip the header before the app sees it.
         clear_untrusted_proxy_headers=False,
     )
+    channel.install(sockets)
+    return server
 
 
 def _stop_on_signal(signum: int, frame: Any) -> None:

@@ -1,8 +1,11 @@
 """``GET /metrics``: the server's counters in Prometheus text format (0.0.4).
 
-No client library: a handful of counters and one histogram kept under one
-lock, plus gauges read from the database at scrape time (outbox backlog, age
-of the last successful reconcile). Counters live in the process-wide
+No client library: a handful of counters and one histogram, plus gauges read
+from the database at scrape time (outbox backlog, age of the last successful
+reconcile). Each thread counts into its own shard, with no lock, and a scrape
+adds the shards up: one lock taken by every request was a convoy under load
+(a thread preempted while holding it made the other seven queue behind it,
+each hand-over a trip through the kernel). Counters live in the process-wide
 :data:`REGISTRY`, so other modules record into it with plain functions such as
 :func:`record_webhook`.
 
@@ -53,17 +56,42 @@ class _Histogram:
         self.count += 1
         self.sum += value
 
+    def add(self, other: _Histogram) -> None:
+        for i, n in enumerate(list(other.buckets)):
+            self.buckets[i] += n
+        self.count += other.count
+        self.sum += other.sum
+
+
+class _Shard:
+    """One thread's counters: only that thread writes them, so they need no lock."""
+
+    __slots__ = ("latency", "license_answers", "requests", "webhooks")
+
+    def __init__(self) -> None:
+        self.requests: dict[Labels, int] = {}
+        self.latency: dict[Labels, _Histogram] = {}
+        self.license_answers: dict[Labels, int] = {}
+        self.webhooks: dict[Labels, int] = {}
+
 
 class Metrics:
     """The process' counters. Every method is thread-safe."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.requests: dict[Labels, int] = {}
-        self.latency: dict[Labels, _Histogram] = {}
-        self.license_answers: dict[Labels, int] = {}
-        self.webhooks: dict[Labels, int] = {}
+        self._local = threading.local()
+        self._shards: list[_Shard] = []
+        self._shards_lock = threading.Lock()  # taken once per thread, when it first counts
         self.started_at = time.time()
+
+    def _shard(self) -> _Shard:
+        try:
+            shard: _Shard = self._local.shard
+        except AttributeError:
+            shard = self._local.shard = _Shard()
+            with self._shards_lock:
+                self._shards.append(shard)
+        return shard
 
     # --- recording ---------------------------------------------------------------------
 
@@ -71,34 +99,59 @@ class Metrics:
         self, method: str, route: str | None, status: int, seconds: float, body: Any = None
     ) -> None:
         """Count one answered request; a license route's answer also counts its ``code``."""
+        shard = self._shard()
         label = route or UNMATCHED
         method = method if method in _METHODS else OTHER
-        with self._lock:
-            _inc(self.requests, (method, label, str(status)))
-            histogram = self.latency.get((label,))
-            if histogram is None:
-                histogram = _Histogram()
-                if len(self.latency) < MAX_SERIES:
-                    self.latency[(label,)] = histogram
-            histogram.observe(max(0.0, seconds))
-            if route and route.startswith(LICENSE_PREFIX) and isinstance(body, dict):
-                code = body.get("code")
-                if isinstance(code, str):
-                    _inc(self.license_answers, (route.removeprefix(LICENSE_PREFIX), code))
+        _inc(shard.requests, (method, label, str(status)))
+        histogram = shard.latency.get((label,))
+        if histogram is None:
+            histogram = _Histogram()
+            if len(shard.latency) < MAX_SERIES:
+                shard.latency[(label,)] = histogram
+        histogram.observe(max(0.0, seconds))
+        if route and route.startswith(LICENSE_PREFIX) and isinstance(body, dict):
+            code = body.get("code")
+            if isinstance(code, str):
+                _inc(shard.license_answers, (route.removeprefix(LICENSE_PREFIX), code))
 
     def record_webhook(self, event_type: str, outcome: str) -> None:
-        with self._lock:
-            _inc(self.webhooks, (str(event_type)[:100], str(outcome)[:50]))
+        _inc(self._shard().webhooks, (str(event_type)[:100], str(outcome)[:50]))
+
+    def _totals(
+        self,
+    ) -> tuple[dict[Labels, int], dict[Labels, _Histogram], dict[Labels, int], dict[Labels, int]]:
+        """Every shard added up. Copying a dict is one step for the interpreter, so each
+        copy is consistent; a histogram read while its thread observes may be one
+        observation apart between its count and its sum, which a scrape tolerates."""
+        with self._shards_lock:
+            shards = list(self._shards)
+        requests: dict[Labels, int] = {}
+        latency: dict[Labels, _Histogram] = {}
+        answers: dict[Labels, int] = {}
+        webhooks: dict[Labels, int] = {}
+        for shard in shards:
+            for total, part in (
+                (requests, shard.requests),
+                (answers, shard.license_answers),
+                (webhooks, shard.webhooks),
+            ):
+                for labels, count in dict(part).items():
+                    _inc(total, labels, count)
+            for labels, histogram in dict(shard.latency).items():
+                merged = latency.get(labels)
+                if merged is None:
+                    if len(latency) >= MAX_SERIES:
+                        continue
+                    merged = latency[labels] = _Histogram()
+                merged.add(histogram)
+        return requests, latency, answers, webhooks
 
     # --- rendering ---------------------------------------------------------------------
 
     def render(self, store: Store | None, now: float) -> str:
         """The exposition text: in-memory counters, then gauges read from ``store``."""
-        with self._lock:
-            requests = dict(self.requests)
-            latency = {k: (list(h.buckets), h.count, h.sum) for k, h in self.latency.items()}
-            answers = dict(self.license_answers)
-            webhooks = dict(self.webhooks)
+        requests, histograms, answers, webhooks = self._totals()
+        latency = {k: (h.buckets, h.count, h.sum) for k, h in histograms.items()}
         out: list[str] = []
         _family(out, "licensed_http_requests_total", "counter", "HTTP requests answered.")
         _samples(out, "licensed_http_requests_total", ("method", "route", "status"), requests)
@@ -201,10 +254,10 @@ def _epoch(value: str | None) -> float | None:
     return number if number > 0 and math.isfinite(number) else None
 
 
-def _inc(family: dict[Labels, int], labels: Labels) -> None:
+def _inc(family: dict[Labels, int], labels: Labels, by: int = 1) -> None:
     if labels not in family and len(family) >= MAX_SERIES:
         labels = tuple(OTHER for _ in labels)
-    family[labels] = family.get(labels, 0) + 1
+    family[labels] = family.get(labels, 0) + by
 
 
 def _family(out: list[str], name: str, kind: str, help_text: str) -> None:
