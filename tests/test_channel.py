@@ -144,7 +144,7 @@ def test_a_large_answer_to_a_slow_reader_arrives_whole(
         received = b""
         while b"\r\n\r\n" not in received:
             received += recv(sock)
-        head, _, body = received.partition(b"\r\n\r\n")
+        _head, _, body = received.partition(b"\r\n\r\n")
         total = len(CHUNK) * CHUNKS
         while len(body) < total and time.monotonic() < deadline:
             body += sock.recv(16384)
