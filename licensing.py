@@ -6,6 +6,7 @@ time at the exact paid-through, grace and expiry boundaries.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
@@ -16,6 +17,7 @@ import keys
 import mailer
 from errors import InvalidToken, NotFound, StorageUnavailable, ValidationFailed
 from keys import KeyRing
+from memo import BoundedCache
 from plans import Catalog, Plan
 from store import License, Store, new_id
 
@@ -52,7 +54,9 @@ SEEN_WRITE_INTERVAL = 3600
 """A machine's ``last_seen_at`` is rewritten at most hourly, so validation stays read-only."""
 
 
+@functools.lru_cache(maxsize=4096)
 def iso(ts: int | None) -> str | None:
+    """Epoch seconds as ISO 8601 UTC; remembered, since a licence's dates repeat in every answer."""
     if ts is None:
         return None
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
@@ -137,9 +141,19 @@ def restamp_key(lic: License, ring: KeyRing, now: int) -> None:
     lic.key_iat = now
 
 
+_leases = BoundedCache()
+"""Leases by everything they are made of: a machine validating again within the
+same second gets the same token without its claims being built and serialised."""
+
+
 def lease(lic: License, machine_hash: str, ring: KeyRing, issuer: str, ttl: int, now: int) -> str:
     end = lic.expires_at
     exp = now + ttl if end is None else min(end, now + ttl)
+    kid = ring.current.kid
+    memo = (kid, issuer, lic.id, machine_hash, lic.product, lic.tier, tuple(lic.features), now, exp)
+    token: str | None = _leases.get(memo)
+    if token is not None:
+        return token
     claims = {
         "iss": issuer,
         "sub": lic.id,
@@ -150,7 +164,9 @@ def lease(lic: License, machine_hash: str, ring: KeyRing, issuer: str, ttl: int,
         "iat": now,
         "exp": exp,
     }
-    return keys.sign_claims(ring, claims)
+    token = keys.sign_claims(ring, claims, kid=kid)
+    _leases.put(memo, token)
+    return token
 
 
 # --- issuing ------------------------------------------------------------------

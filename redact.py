@@ -95,7 +95,7 @@ def remember_body(body: Any) -> None:
     """Mask this request's sensitive body fields (key, machine id…) in whatever it logs."""
     if not isinstance(body, Mapping):
         return
-    values = tuple(
+    values = _longest_first(
         v for k, v in body.items() if isinstance(v, str) and len(v) >= MIN_LITERAL and is_sensitive_name(k)
     )
     _request_values.set(values)
@@ -136,6 +136,8 @@ class Redactor:
         """The configured secrets and the request's values, longest first (once per request)."""
         if not request:
             return self._secrets_ordered
+        if not self.secrets:
+            return request  # already longest first
         memo = self._request_memo  # one read: another thread may replace it meanwhile
         if memo[0] is not request:
             memo = (request, _longest_first((*self.secrets, *request)))
