@@ -474,21 +474,21 @@ class LineHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            line = self.format(record) + "\n"
-            if self._flusher is not None and record.levelno < logging.WARNING:
-                self._queued.append(line)
-                return
-            with self._write_lock:
-                self._write(self._drain() + line)
+            self._put(self.format(record), record.levelno)
         except Exception:
             self.handleError(record)
 
     def emit_line(self, line: str) -> None:
         """An info line formatted elsewhere (by this handler's formatter): see :class:`AccessLog`."""
-        if self._flusher is not None:
+        with contextlib.suppress(OSError):
+            self._put(line, logging.INFO)
+
+    def _put(self, line: str, level: int) -> None:
+        """Queue the line when batching and below WARNING; else write it now, after the queue."""
+        if self._flusher is not None and level < logging.WARNING:
             self._queued.append(line + "\n")
             return
-        with self._write_lock, contextlib.suppress(OSError):
+        with self._write_lock:
             self._write(self._drain() + line + "\n")
 
     def _drain(self) -> str:
