@@ -117,41 +117,38 @@ class Metrics:
     def record_webhook(self, event_type: str, outcome: str) -> None:
         _inc(self._shard().webhooks, (str(event_type)[:100], str(outcome)[:50]))
 
-    def _totals(
-        self,
-    ) -> tuple[dict[Labels, int], dict[Labels, _Histogram], dict[Labels, int], dict[Labels, int]]:
-        """Every shard added up. Copying a dict is one step for the interpreter, so each
-        copy is consistent; a histogram read while its thread observes may be one
-        observation apart between its count and its sum, which a scrape tolerates."""
+    def _totals(self) -> _Shard:
+        """Every shard added up, as one shard. Copying a dict is one step for the
+        interpreter, so each copy is consistent; a histogram read while its thread
+        observes may be one observation apart between its count and its sum, which
+        a scrape tolerates."""
         with self._shards_lock:
             shards = list(self._shards)
-        requests: dict[Labels, int] = {}
-        latency: dict[Labels, _Histogram] = {}
-        answers: dict[Labels, int] = {}
-        webhooks: dict[Labels, int] = {}
+        total = _Shard()
         for shard in shards:
-            for total, part in (
-                (requests, shard.requests),
-                (answers, shard.license_answers),
-                (webhooks, shard.webhooks),
+            for into, part in (
+                (total.requests, shard.requests),
+                (total.license_answers, shard.license_answers),
+                (total.webhooks, shard.webhooks),
             ):
                 for labels, count in dict(part).items():
-                    _inc(total, labels, count)
+                    _inc(into, labels, count)
             for labels, histogram in dict(shard.latency).items():
-                merged = latency.get(labels)
+                merged = total.latency.get(labels)
                 if merged is None:
-                    if len(latency) >= MAX_SERIES:
+                    if len(total.latency) >= MAX_SERIES:
                         continue
-                    merged = latency[labels] = _Histogram()
+                    merged = total.latency[labels] = _Histogram()
                 merged.add(histogram)
-        return requests, latency, answers, webhooks
+        return total
 
     # --- rendering ---------------------------------------------------------------------
 
     def render(self, store: Store | None, now: float) -> str:
         """The exposition text: in-memory counters, then gauges read from ``store``."""
-        requests, histograms, answers, webhooks = self._totals()
-        latency = {k: (h.buckets, h.count, h.sum) for k, h in histograms.items()}
+        counted = self._totals()
+        requests, answers, webhooks = counted.requests, counted.license_answers, counted.webhooks
+        latency = {k: (h.buckets, h.count, h.sum) for k, h in counted.latency.items()}
         out: list[str] = []
         _family(out, "licensed_http_requests_total", "counter", "HTTP requests answered.")
         _samples(out, "licensed_http_requests_total", ("method", "route", "status"), requests)
