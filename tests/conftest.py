@@ -132,6 +132,25 @@ def services(config: Config, clock: FrozenClock) -> Iterator[Services]:
     built.store.close()
 
 
+def issue_license(
+    services: Services, plan: str = "pro-monthly", *, days: int | None = 30, **kwargs: Any
+) -> License:
+    """Issue a licence straight through the licensing layer (no server needed)."""
+    chosen = services.catalog.plans[plan]
+    if chosen.lifetime or chosen.duration_days:
+        days = kwargs.pop("days_override", None)
+    return licensing.issue_license(
+        services.store,
+        services.ring,
+        chosen,
+        email=kwargs.pop("email", "buyer@example.com"),
+        now=services.now(),
+        actor="test",
+        days=days,
+        **kwargs,
+    )
+
+
 @dataclass
 class Live:
     """A running server and handles on its insides."""
@@ -153,20 +172,7 @@ class Live:
         return self.key_of(lic)
 
     def issue_license(self, plan: str = "pro-monthly", *, days: int | None = 30, **kwargs: Any) -> License:
-        services = self.services
-        chosen = services.catalog.plans[plan]
-        if chosen.lifetime or chosen.duration_days:
-            days = kwargs.pop("days_override", None)
-        return licensing.issue_license(
-            services.store,
-            services.ring,
-            chosen,
-            email=kwargs.pop("email", "buyer@example.com"),
-            now=services.now(),
-            actor="test",
-            days=days,
-            **kwargs,
-        )
+        return issue_license(self.services, plan, days=days, **kwargs)
 
     def key_of(self, lic: License | str) -> str:
         services = self.services

@@ -10,27 +10,15 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import T0
+from conftest import T0, issue_license
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from server_proc import ServerProcess, make_data_dir
 
 import changes
-import licensing
 import store as store_module
 from services import Services
-from store import License, Store
-
-
-def issue(services: Services, email: str = "a@example.com") -> License:
-    return licensing.issue_license(
-        services.store,
-        services.ring,
-        services.catalog.plans["pro-year"],
-        email=email,
-        now=services.now(),
-        actor="test",
-    )
+from store import Store
 
 
 @pytest.fixture
@@ -74,7 +62,7 @@ def test_a_short_counter_file_is_refused(tmp_path: Path) -> None:
 
 def test_commits_that_change_rows_bump_the_counter(services: Services) -> None:
     db = services.store
-    lic = issue(services)
+    lic = issue_license(services)
     counter = changes.ChangeCounter(db.changes_path)
     before = counter.read()
     db.get_license(lic.id)
@@ -99,7 +87,7 @@ def test_commits_that_change_rows_bump_the_counter(services: Services) -> None:
 
 def test_a_repeated_read_comes_from_memory(services: Services) -> None:
     db = services.store
-    lic = issue(services)
+    lic = issue_license(services)
     first = db.license_seats_recent(lic.id, None)
     # An edit behind licensed's back (the sqlite3 shell) does not bump the counter:
     with sqlite3.connect(db.path) as plain:
@@ -112,7 +100,7 @@ def test_a_remembered_read_lasts_at_most_its_bound(
     services: Services, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     db = services.store
-    lic = issue(services)
+    lic = issue_license(services)
     moment = [1000.0]
     monkeypatch.setattr(store_module.time, "monotonic", lambda: moment[0])
     db.license_seats_recent(lic.id, None)
@@ -126,7 +114,7 @@ def test_a_remembered_read_lasts_at_most_its_bound(
 
 def test_a_commit_in_another_store_ends_the_memo(services: Services, other: Store) -> None:
     db = services.store
-    lic = issue(services)
+    lic = issue_license(services)
     assert db.license_seats_recent(lic.id, None)[0].status == "active"  # type: ignore[union-attr]
     set_status(other, lic.id, "revoked")
     assert db.license_seats_recent(lic.id, None)[0].status == "revoked"  # type: ignore[union-attr]
@@ -136,7 +124,7 @@ def test_seats_are_remembered_per_machine_and_forgotten_on_any_seat_change(
     services: Services, other: Store
 ) -> None:
     db = services.store
-    lic = issue(services)
+    lic = issue_license(services)
     assert db.license_seats_recent(lic.id, "m1")[1:] == (None, 0)
     with other.atomic():
         other.add_machine(lic.id, "m2", T0)
@@ -165,7 +153,7 @@ def test_a_remembered_read_always_equals_a_fresh_one(services: Services, operati
     """Whatever two stores (two processes) commit, in any order, the memo never lags."""
     second = Store(services.config.db_path)
     stores = (services.store, second)
-    lic = issue(services, email=f"p{len(operations)}-{os.urandom(4).hex()}@example.com")
+    lic = issue_license(services, email=f"p{len(operations)}-{os.urandom(4).hex()}@example.com")
     try:
         for action, which, value in operations:
             target = stores[which]
