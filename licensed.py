@@ -15,7 +15,6 @@ import collections
 import contextlib
 import datetime as dt
 import itertools
-import json
 import logging
 import os
 import re
@@ -27,6 +26,8 @@ import traceback
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 import admin
 import backup
@@ -369,7 +370,6 @@ class JsonFormatter(logging.Formatter):
     """
 
     _STANDARD = frozenset(vars(logging.makeLogRecord({})))
-    _encoder = json.JSONEncoder(default=str)
 
     def __init__(self, secrets: Sequence[str] = ()) -> None:
         super().__init__()
@@ -405,7 +405,7 @@ class JsonFormatter(logging.Formatter):
             "msg": msg,
         }
         entry.update(fields)
-        return self._encoder.encode(self.redactor.clean(entry))
+        return orjson.dumps(self.redactor.clean(entry), default=str, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
 class OncePerInterval(logging.Filter):

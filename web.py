@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
+import orjson
+
 import openapi
 from errors import (
     BadRequest,
@@ -123,9 +125,8 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-# Built once: ``json.loads``/``json.dumps`` with options build a new codec on every call.
+# Built once: ``json.loads`` with options builds a new decoder on every call.
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 @dataclass
@@ -141,7 +142,9 @@ class Response:
     def encode(self) -> bytes:
         if self.raw is not None:
             return self.raw
-        return _ENCODER.encode(self.body).encode("utf-8")
+        # orjson writes compact UTF-8 in one step, several times faster than
+        # ``json`` on a licence answer.
+        return orjson.dumps(self.body)
 
 
 # --- routing -----------------------------------------------------------------------
