@@ -227,7 +227,7 @@ class App:
                 if route.body is not None:
                     request.parsed = request.json()
                     redact.remember_body(request.parsed)
-                    openapi.check(request.parsed, route.body)
+                    route.check_body(request.parsed)
                 response = route.handler(request)
         except LicensedError as err:
             response = error_response(err)

@@ -8,7 +8,7 @@ requests (a small checker for the subset used here) and appears in
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from errors import ValidationFailed
@@ -30,8 +30,6 @@ ERROR_SCHEMA: Schema = {
     },
 }
 
-_PATTERNS: dict[str, re.Pattern[str]] = {}
-
 
 def string(min_length: int = 1, max_length: int = 256, **extra: Any) -> Schema:
     return {"type": "string", "minLength": min_length, "maxLength": max_length, **extra}
@@ -46,52 +44,106 @@ def obj(properties: dict[str, Schema], required: Iterable[str] = ()) -> Schema:
     }
 
 
+Checker = Callable[[Any], None]
+
+
 def check(value: Any, schema: Schema, where: str = "body") -> None:
     """Raise ValidationFailed naming the first field that breaks ``schema``."""
+    checker(schema, where)(value)
+
+
+def checker(schema: Schema, where: str = "body") -> Checker:
+    """:func:`check` for one schema, the schema read once: routes build theirs at start-up,
+    so a request runs only the tests its schema asks for."""
     kind = schema.get("type")
     if kind == "object":
+        return _object_checker(schema, where)
+    if kind == "string":
+        return _string_checker(schema, where)
+    if kind == "integer":
+        low, high = schema.get("minimum"), schema.get("maximum")
+
+        def check_integer(value: Any) -> None:
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValidationFailed(f"{where} must be an integer")
+            if (low is not None and value < low) or (high is not None and value > high):
+                raise ValidationFailed(f"{where} is out of range")
+
+        return check_integer
+    if kind == "boolean":
+
+        def check_boolean(value: Any) -> None:
+            if not isinstance(value, bool):
+                raise ValidationFailed(f"{where} must be true or false")
+
+        return check_boolean
+    if kind == "array":
+        return _array_checker(schema, where)
+    return _anything
+
+
+def _anything(value: Any) -> None:
+    """A schema without a ``type`` allows any value."""
+
+
+def _object_checker(schema: Schema, where: str) -> Checker:
+    required = tuple((name, _join(where, name)) for name in schema.get("required", ()))
+    props: dict[str, Schema] = schema.get("properties", {})
+    fields = tuple((name, checker(sub, _join(where, name))) for name, sub in props.items())
+    closed = frozenset(props) if schema.get("additionalProperties") is False else None
+
+    def check_object(value: Any) -> None:
         if not isinstance(value, dict):
             raise ValidationFailed(f"{where} must be a JSON object")
-        for name in schema.get("required", ()):
+        for name, label in required:
             if value.get(name) is None:
-                raise ValidationFailed(f"{_join(where, name)} is required")
-        props = schema.get("properties", {})
-        for name, sub in props.items():
-            if value.get(name) is not None:
-                check(value[name], sub, _join(where, name))
-        if schema.get("additionalProperties") is False:
-            extra = sorted(set(value) - set(props))
+                raise ValidationFailed(f"{label} is required")
+        for name, check_field in fields:
+            field = value.get(name)
+            if field is not None:
+                check_field(field)
+        if closed is not None:
+            extra = sorted(set(value) - closed)
             if extra:
                 raise ValidationFailed(f"{_join(where, extra[0])} is not allowed")
-    elif kind == "string":
+
+    return check_object
+
+
+def _string_checker(schema: Schema, where: str) -> Checker:
+    shortest, longest = schema.get("minLength", 0), schema.get("maxLength", 1 << 30)
+    pattern = schema.get("pattern")
+    compiled = None if pattern is None else _compile(pattern)
+    allowed = schema.get("enum")
+
+    def check_string(value: Any) -> None:
         if not isinstance(value, str):
             raise ValidationFailed(f"{where} must be a string")
-        if len(value) < schema.get("minLength", 0):
+        if len(value) < shortest:
             raise ValidationFailed(f"{where} is too short")
-        if len(value) > schema.get("maxLength", 1 << 30):
+        if len(value) > longest:
             raise ValidationFailed(f"{where} is too long")
-        pattern = schema.get("pattern")
-        if pattern is not None:
-            compiled = _PATTERNS.get(pattern) or _PATTERNS.setdefault(pattern, _compile(pattern))
-            if not compiled.search(value):
-                raise ValidationFailed(f"{where} has the wrong form")
-        if "enum" in schema and value not in schema["enum"]:
-            raise ValidationFailed(f"{where} must be one of {', '.join(schema['enum'])}")
-    elif kind == "integer":
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ValidationFailed(f"{where} must be an integer")
-        if value < schema.get("minimum", value) or value > schema.get("maximum", value):
-            raise ValidationFailed(f"{where} is out of range")
-    elif kind == "boolean":
-        if not isinstance(value, bool):
-            raise ValidationFailed(f"{where} must be true or false")
-    elif kind == "array":
+        if compiled is not None and not compiled.search(value):
+            raise ValidationFailed(f"{where} has the wrong form")
+        if allowed is not None and value not in allowed:
+            raise ValidationFailed(f"{where} must be one of {', '.join(allowed)}")
+
+    return check_string
+
+
+def _array_checker(schema: Schema, where: str) -> Checker:
+    most = schema.get("maxItems", 1 << 30)
+    items = schema.get("items", {})
+
+    def check_array(value: Any) -> None:
         if not isinstance(value, list):
             raise ValidationFailed(f"{where} must be an array")
-        if len(value) > schema.get("maxItems", 1 << 30):
+        if len(value) > most:
             raise ValidationFailed(f"{where} has too many items")
         for index, item in enumerate(value):
-            check(item, schema.get("items", {}), f"{where}[{index}]")
+            checker(items, f"{where}[{index}]")(item)
+
+    return check_array
 
 
 def _compile(pattern: str) -> re.Pattern[str]:

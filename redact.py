@@ -101,10 +101,8 @@ def remember_body(body: Any) -> None:
     """Mask this request's sensitive body fields (key, machine id…) in whatever it logs."""
     if not isinstance(body, Mapping):
         return
-    values = _longest_first(
-        v for k, v in body.items() if isinstance(v, str) and len(v) >= MIN_LITERAL and is_sensitive_name(k)
-    )
-    _request_values.set(values)
+    values = [v for k, v in body.items() if type(v) is str and len(v) >= MIN_LITERAL and is_sensitive_name(k)]
+    _request_values.set(_longest_first(values) if len(values) > 1 else tuple(values))
 
 
 def config_secrets(config: Config) -> tuple[str, ...]:

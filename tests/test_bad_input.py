@@ -81,6 +81,9 @@ def assert_error(answer: requests.Response, status: int, code: str) -> dict[str,
         pytest.param(b'{"key": "k", "machine_id": Infinity}', id="infinity"),
         pytest.param(b'{"key": -Infinity}', id="minus-infinity"),
         pytest.param(b'{"key": 1' + b"0" * 5000 + b"}", id="huge-int"),
+        pytest.param(b'{"key": "k", "machine_id": "\\ud800"}', id="lone-surrogate"),
+        pytest.param(b'{"key": "k", "machine_id": "m\\udc00"}', id="lone-low-surrogate"),
+        pytest.param(b'{"key": "k"} trailing', id="trailing-text"),
     ],
 )
 def test_malformed_json(live: Live, route: str, raw: bytes) -> None:
