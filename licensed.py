@@ -257,16 +257,7 @@ class App:
         self.metrics.observe_request(
             method, route.path if route else None, response.status, elapsed, response.body
         )
-        self.access_log(
-            {
-                "request_id": request_id,
-                "method": method,
-                "path": path,
-                "status": response.status,
-                "ms": round(elapsed * 1000, 2),
-                "remote": client,
-            },
-        )
+        self.access_log(request_id, method, path, response.status, round(elapsed * 1000, 2), client)
         if response.stream is not None:
             return response.stream
         return [payload]
@@ -397,6 +388,17 @@ class JsonFormatter(logging.Formatter):
 
     def line(self, created: float, level: str, logger: str, msg: str, fields: dict[str, Any]) -> str:
         """The JSON line for one entry, redacted: what :meth:`format` writes for a record."""
+        return self._encode(self.redactor.clean(self._entry(created, level, logger, msg, fields)))
+
+    def plain_line(self, created: float, level: str, logger: str, msg: str, fields: dict[str, Any]) -> str:
+        """:meth:`line` without the redaction walk, for an entry whose every value is a
+        number or a string that :meth:`redact.Redactor.is_plain` passed, under names
+        that are not sensitive (the access line)."""
+        return self._encode(self._entry(created, level, logger, msg, fields))
+
+    def _entry(
+        self, created: float, level: str, logger: str, msg: str, fields: dict[str, Any]
+    ) -> dict[str, Any]:
         seconds = int(created)
         entry: dict[str, Any] = {
             "ts": f"{self._second(seconds)}.{int((created - seconds) * 1000):03d}+00:00",
@@ -405,7 +407,11 @@ class JsonFormatter(logging.Formatter):
             "msg": msg,
         }
         entry.update(fields)
-        return orjson.dumps(self.redactor.clean(entry), default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+        return entry
+
+    @staticmethod
+    def _encode(entry: Any) -> str:
+        return orjson.dumps(entry, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
 class OncePerInterval(logging.Filter):
@@ -480,6 +486,9 @@ class LineHandler(logging.Handler):
 
     def emit_line(self, line: str) -> None:
         """An info line formatted elsewhere (by this handler's formatter): see :class:`AccessLog`."""
+        if self._flusher is not None:
+            self._queued.append(line + "\n")
+            return
         with contextlib.suppress(OSError):
             self._put(line, logging.INFO)
 
@@ -543,7 +552,15 @@ class AccessLog:
         self.logger = logger
         self.msg = msg
 
-    def __call__(self, fields: dict[str, Any]) -> None:
+    def __call__(self, request_id: str, method: str, path: str, status: int, ms: float, remote: str) -> None:
+        fields = {
+            "request_id": request_id,
+            "method": method,
+            "path": path,
+            "status": status,
+            "ms": ms,
+            "remote": remote,
+        }
         handler = self._sole_handler()
         if handler is None:
             self.logger.info(self.msg, extra=fields)
@@ -552,7 +569,14 @@ class AccessLog:
             return
         formatter = handler.formatter
         assert isinstance(formatter, JsonFormatter)
-        handler.emit_line(formatter.line(time.time(), "INFO", self.logger.name, self.msg, fields))
+        created = time.time()
+        # The four strings are the only text (the caller's): when they hold nothing
+        # to mask, the line skips the redaction walk.
+        if formatter.redactor.is_plain(f"{request_id}\n{method}\n{path}\n{remote}"):
+            line = formatter.plain_line(created, "INFO", self.logger.name, self.msg, fields)
+        else:
+            line = formatter.line(created, "INFO", self.logger.name, self.msg, fields)
+        handler.emit_line(line)
 
     def _sole_handler(self) -> LineHandler | None:
         """The root's LineHandler, if a record would reach it and nothing else."""

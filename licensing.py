@@ -327,6 +327,18 @@ class Licensing:
         self.catalog = catalog
         self.issuer = issuer
         self.lease_ttl = lease_ttl_hours * 3600
+        self._parsed = BoundedCache()
+        """Keys parsed and verified, by their exact text: the memo of ``keys._verified``
+        taken one step further, to the product and tier read from the text. A
+        remembered key still needs its signing key in the ring. Shared: read only."""
+
+    def _parse(self, key: str) -> keys.ParsedKey:
+        """:func:`keys.parse_license_key` against this catalogue and ring, remembered."""
+        parsed: keys.ParsedKey | None = self._parsed.get(key) if type(key) is str else None
+        if parsed is None or self.ring.get(parsed.kid) is None:
+            parsed = keys.parse_license_key(key, self.catalog, self.ring)
+            self._parsed.put(key, parsed)
+        return parsed
 
     def key(self, lic: License) -> str:
         """The licence's current key, re-derived from its row."""
@@ -335,7 +347,7 @@ class Licensing:
     def _load(self, req: LicenseRequest, machine_hash: str | None) -> Loaded | dict[str, Any]:
         """The licence a key names, with its seats, or the outcome that stops the request."""
         try:
-            parsed = keys.parse_license_key(req.key, self.catalog, self.ring)
+            parsed = self._parse(req.key)
         except InvalidToken:
             return {"valid": False, "code": INVALID_KEY}
         if req.product is not None and req.product != parsed.product.id:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -145,6 +146,85 @@ def test_configured_secrets_are_masked_as_literals() -> None:
     cleaned = redact.Redactor(secrets).clean({"msg": text})["msg"]
     for secret in ("plain-admin-token", "plain-internal-key", "pa$$word", "pa%24%24word"):
         assert secret not in cleaned
+
+
+@settings(max_examples=300)
+@given(text=st.text(max_size=80), secret=st.sampled_from([p.pattern for p, _ in redact._PATTERNS]))
+def test_text_any_pattern_would_change_is_never_waved_through(text: str, secret: str) -> None:
+    """The quick pre-check must see whatever a pattern masks, or the pattern never runs."""
+    for candidate in (text, redact.redact_text(text) + text):
+        if any(pattern.search(candidate) for pattern, _ in redact._PATTERNS):
+            assert redact._suspect(candidate)
+
+
+@pytest.mark.parametrize(
+    ("text", "plain"),
+    [
+        ("/api/license/validate", True),
+        ("the eyJhbGciOi token", False),
+        ("EYJHBGCIOI upper case too", False),
+        ("sk_live_0123456789", False),
+        ("https://user:pw@host", False),
+        ("BeArEr abc", False),
+        ("it holds machine-7f3a9c-QX-serial-0042 inside", False),
+    ],
+)
+def test_is_plain_sees_shapes_and_the_requests_values(text: str, plain: bool) -> None:
+    redact.remember_body({"machine_id": MACHINE_ID})
+    try:
+        assert redact.Redactor().is_plain(text) is plain
+    finally:
+        redact.start_request()
+
+
+@contextlib.contextmanager
+def logging_as_served() -> Iterator[io.StringIO]:
+    """The root logger as ``serve`` sets it up (one LineHandler, unbuffered), into a buffer.
+
+    Entered inside the test: pytest adds its capture handlers to the root for
+    the test's call, and with them the access line would take the logging path.
+    """
+    stream = io.StringIO()
+    root = logging.getLogger()
+    old_handlers, old_level = root.handlers[:], root.level
+    handler = licensed.LineHandler(stream)
+    handler.setFormatter(licensed.JsonFormatter(secrets=["admin-token-0123456789"]))
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    try:
+        yield stream
+    finally:
+        root.handlers[:] = old_handlers
+        root.setLevel(old_level)
+        redact.start_request()
+
+
+@pytest.mark.parametrize(
+    ("request_id", "path", "hidden"),
+    [
+        ("a1-1", "/api/license/validate", None),
+        ("a1-2", f"/x/{MACHINE_ID}", MACHINE_ID),
+        ("a1-3", "/x/DC-PRO-eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJ4In0.c2ln", "eyJhbGciOiJFZERTQSJ9"),
+        ("sk_live_0123456789abcdef", "/health", "sk_live_0123456789abcdef"),
+        ("a1-4", "/x/admin-token-0123456789", "admin-token-0123456789"),
+    ],
+)
+def test_access_lines_skip_the_walk_only_when_nothing_needs_masking(
+    request_id: str, path: str, hidden: str | None
+) -> None:
+    access = licensed.AccessLog(logging.getLogger("licensed.access"))
+    with logging_as_served() as stream:
+        redact.remember_body({"key": "DC-PRO-unrelated", "machine_id": MACHINE_ID})
+        assert access._sole_handler() is not None  # the quick path is the one under test
+        access(request_id, "POST", path, 200, 0.25, "127.0.0.1")
+    [entry] = lines_of(stream)
+    assert entry["status"] == 200 and entry["ms"] == 0.25 and entry["remote"] == "127.0.0.1"
+    assert entry["logger"] == "licensed.access" and entry["msg"] == "request"
+    if hidden is None:
+        assert (entry["request_id"], entry["path"]) == (request_id, path)
+    else:
+        assert hidden not in stream.getvalue()
+        assert redact.MASK in entry["request_id"] + entry["path"]
 
 
 # --- through the server ----------------------------------------------------------------
