@@ -71,6 +71,8 @@ def error_response(err: LicensedError) -> Response:
     )
 
 
+JSON_TYPE = "application/json; charset=utf-8"
+
 _REASONS = {
     200: "OK",
     201: "Created",
@@ -87,6 +89,12 @@ _REASONS = {
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
+_STATUS_LINES = {status: f"{status} {reason}" for status, reason in _REASONS.items()}
+
+
+def _status_line(status: int) -> str:
+    return _STATUS_LINES.get(status) or f"{status} Unknown"
+
 
 # --- the application ----------------------------------------------------------------
 
@@ -239,20 +247,20 @@ class App:
             response = error_response(LicensedError())
         payload = b"" if response.stream is not None else response.encode()
         headers = [
-            (
-                "Content-Type",
-                response.content_type if response.raw is not None else "application/json; charset=utf-8",
-            ),
-            *([] if response.stream is not None else [("Content-Length", str(len(payload)))]),
+            ("Content-Type", JSON_TYPE if response.raw is None else response.content_type),
+            ("Content-Length", str(len(payload))),
             ("X-Request-Id", request_id),
-            *response.headers,
-            *self.cors.headers(path, origin),
         ]
-        if not any(name == "Cache-Control" for name, _ in response.headers):
+        if response.stream is not None:
+            del headers[1]
+        if response.headers:
+            headers += response.headers
+        headers += self.cors.headers(path, origin)
+        if not response.headers or not any(name == "Cache-Control" for name, _ in response.headers):
             headers.append(("Cache-Control", "no-store"))
         if response.status == 204:
             headers = [h for h in headers if h[0] not in ("Content-Type", "Content-Length")]
-        start_response(f"{response.status} {_REASONS.get(response.status, 'Unknown')}", headers)
+        start_response(_status_line(response.status), headers)
         elapsed = time.perf_counter() - started
         self.metrics.observe_request(
             method, route.path if route else None, response.status, elapsed, response.body

@@ -10,8 +10,7 @@ import functools
 import logging
 import re
 import time
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import keys
 import mailer
@@ -289,8 +288,9 @@ document and the check, so generated clients and the server agree on every strin
 MACHINE_ID = re.compile(MACHINE_ID_PATTERN.strip("^$"))
 
 
-@dataclass(frozen=True)
-class LicenseRequest:
+class LicenseRequest(NamedTuple):
+    """What a licence route was asked (a tuple: built on every validation)."""
+
     key: str
     machine_id: str | None = None
     product: str | None = None
@@ -305,8 +305,7 @@ class LicenseRequest:
         return cls(key=body["key"], machine_id=machine_id, product=body.get("product"))
 
 
-@dataclass(frozen=True)
-class Loaded:
+class Loaded(NamedTuple):
     """A request's licence as read: the row, the verified key, and its machine's seat."""
 
     license: License

@@ -16,6 +16,7 @@ sets so a flood of odd values cannot grow memory without end.
 
 from __future__ import annotations
 
+import bisect
 import math
 import threading
 import time
@@ -49,10 +50,9 @@ class _Histogram:
         self.sum = 0.0
 
     def observe(self, value: float) -> None:
-        for i, bound in enumerate(LATENCY_BUCKETS):
-            if value <= bound:
-                self.buckets[i] += 1
-                break
+        index = bisect.bisect_left(LATENCY_BUCKETS, value)  # the first bound >= value
+        if index < len(LATENCY_BUCKETS):
+            self.buckets[index] += 1
         self.count += 1
         self.sum += value
 

@@ -104,7 +104,7 @@ def start_request() -> None:
 
 def remember_body(body: Any) -> None:
     """Mask this request's sensitive body fields (key, machine id…) in whatever it logs."""
-    if not isinstance(body, Mapping):
+    if type(body) is not dict and not isinstance(body, Mapping):
         return
     values = [v for k, v in body.items() if type(v) is str and len(v) >= MIN_LITERAL and is_sensitive_name(k)]
     _request_values.set(_longest_first(values) if len(values) > 1 else tuple(values))
