@@ -149,12 +149,11 @@ def test_configured_secrets_are_masked_as_literals() -> None:
 
 
 @settings(max_examples=300)
-@given(text=st.text(max_size=80), secret=st.sampled_from([p.pattern for p, _ in redact._PATTERNS]))
-def test_text_any_pattern_would_change_is_never_waved_through(text: str, secret: str) -> None:
+@given(text=st.sampled_from([pattern for pattern, _ in redact._PATTERNS]).flatmap(st.from_regex))
+def test_text_any_pattern_would_change_is_never_waved_through(text: str) -> None:
     """The quick pre-check must see whatever a pattern masks, or the pattern never runs."""
-    for candidate in (text, redact.redact_text(text) + text):
-        if any(pattern.search(candidate) for pattern, _ in redact._PATTERNS):
-            assert redact._suspect(candidate)
+    assert any(pattern.search(text) for pattern, _ in redact._PATTERNS)
+    assert redact._suspect(text)
 
 
 @pytest.mark.parametrize(
