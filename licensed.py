@@ -246,13 +246,10 @@ class App:
             )
             response = error_response(LicensedError())
         payload = b"" if response.stream is not None else response.encode()
-        headers = [
-            ("Content-Type", JSON_TYPE if response.raw is None else response.content_type),
-            ("Content-Length", str(len(payload))),
-            ("X-Request-Id", request_id),
-        ]
-        if response.stream is not None:
-            del headers[1]
+        headers = [("Content-Type", JSON_TYPE if response.raw is None else response.content_type)]
+        if response.stream is None:
+            headers.append(("Content-Length", str(len(payload))))
+        headers.append(("X-Request-Id", request_id))
         if response.headers:
             headers += response.headers
         headers += self.cors.headers(path, origin)
@@ -494,11 +491,12 @@ class LineHandler(logging.Handler):
 
     def emit_line(self, line: str) -> None:
         """An info line formatted elsewhere (by this handler's formatter): see :class:`AccessLog`."""
-        if self._flusher is not None:
-            self._queued.append(line + "\n")
-            return
-        with contextlib.suppress(OSError):
+        # Not ``contextlib.suppress``: on this per-request path, entering a context
+        # manager costs more than queueing the line.
+        try:  # noqa: SIM105
             self._put(line, logging.INFO)
+        except OSError:
+            pass
 
     def _put(self, line: str, level: int) -> None:
         """Queue the line when batching and below WARNING; else write it now, after the queue."""

@@ -53,8 +53,8 @@ def check(value: Any, schema: Schema, where: str = "body") -> None:
 
 
 def checker(schema: Schema, where: str = "body") -> Checker:
-    """:func:`check` for one schema, the schema read once: routes build theirs at start-up,
-    so a request runs only the tests its schema asks for."""
+    """:func:`check` for one schema, the schema read once: each route builds its own on
+    first use, so a request runs only the tests its schema asks for."""
     kind = schema.get("type")
     if kind == "object":
         return _object_checker(schema, where)
