@@ -20,7 +20,7 @@ import pytest
 import requests
 import stripe
 from conftest import TEST_PLANS
-from server_proc import free_port
+from server_proc import free_port, run_cli
 
 import licensed
 import licensing
@@ -112,14 +112,7 @@ class Served:
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """Run ``licensed ARGS`` on this server's data dir and settings."""
-        return subprocess.run(
-            [sys.executable, "-m", "licensed", *args],
-            cwd=ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        return run_cli(self.env, *args, timeout=timeout)
 
     def rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=5)

@@ -33,6 +33,18 @@ ROOT = Path(__file__).resolve().parent.parent
 BASE_URL = "http://licensed.test"
 
 
+def run_cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``licensed ARGS`` in a child process with ``env``, from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", "licensed", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -166,14 +178,7 @@ class ServerProcess:
         return licensing.license_key(lic, catalog or self.catalog(), ring or self.ring(), BASE_URL)
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "licensed", *args],
-            cwd=ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        return run_cli(self.env, *args, timeout=timeout)
 
     def issue(self, plan: str = "pro-monthly", days: int = 30, email: str = "buyer@example.com") -> str:
         """Issue a licence with ``licensed admin issue`` and return its key."""
