@@ -358,6 +358,9 @@ def _request_id(environ: dict[str, Any]) -> str:
 # --- logging --------------------------------------------------------------------------
 
 
+_MILLISECONDS = tuple(f".{n:03d}+00:00" for n in range(1000))
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line; fields passed with ``extra=`` are included.
 
@@ -372,13 +375,14 @@ class JsonFormatter(logging.Formatter):
         self.redactor = redact.Redactor(secrets)
         self._stamp = (-1, "")
 
-    def _second(self, seconds: int) -> str:
-        """ISO 8601 up to the second, computed once per second."""
+    def timestamp(self, created: float) -> str:
+        """ISO 8601 with milliseconds; the part up to the second is computed once per second."""
+        seconds = int(created)
         cached_at, text = self._stamp
         if cached_at != seconds:
             text = dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
             self._stamp = (seconds, text)
-        return text
+        return text + _MILLISECONDS[int((created - seconds) * 1000)]
 
     def format(self, record: logging.LogRecord) -> str:
         standard = self._STANDARD
@@ -389,33 +393,17 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             fields["trace"] = self.formatException(record.exc_info)
-        return self.line(record.created, record.levelname, record.name, record.getMessage(), fields)
+        entry = self.entry(record.created, record.levelname, record.name, record.getMessage(), fields)
+        return self.encode(self.redactor.clean(entry))
 
-    def line(self, created: float, level: str, logger: str, msg: str, fields: dict[str, Any]) -> str:
-        """The JSON line for one entry, redacted: what :meth:`format` writes for a record."""
-        return self._encode(self.redactor.clean(self._entry(created, level, logger, msg, fields)))
-
-    def plain_line(self, created: float, level: str, logger: str, msg: str, fields: dict[str, Any]) -> str:
-        """:meth:`line` without the redaction walk, for an entry whose every value is a
-        number or a string that :meth:`redact.Redactor.is_plain` passed, under names
-        that are not sensitive (the access line)."""
-        return self._encode(self._entry(created, level, logger, msg, fields))
-
-    def _entry(
+    def entry(
         self, created: float, level: str, logger: str, msg: str, fields: dict[str, Any]
     ) -> dict[str, Any]:
-        seconds = int(created)
-        entry: dict[str, Any] = {
-            "ts": f"{self._second(seconds)}.{int((created - seconds) * 1000):03d}+00:00",
-            "level": level.lower(),
-            "logger": logger,
-            "msg": msg,
-        }
-        entry.update(fields)
-        return entry
+        """One line's object, before redaction: what :meth:`format` makes of a record."""
+        return {"ts": self.timestamp(created), "level": level.lower(), "logger": logger, "msg": msg, **fields}
 
     @staticmethod
-    def _encode(entry: Any) -> str:
+    def encode(entry: Any) -> str:
         return orjson.dumps(entry, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
@@ -575,14 +563,12 @@ class AccessLog:
             return
         formatter = handler.formatter
         assert isinstance(formatter, JsonFormatter)
-        created = time.time()
+        entry = formatter.entry(time.time(), "info", self.logger.name, self.msg, fields)
         # The four strings are the only text (the caller's): when they hold nothing
         # to mask, the line skips the redaction walk.
-        if formatter.redactor.is_plain(f"{request_id}\n{method}\n{path}\n{remote}"):
-            line = formatter.plain_line(created, "INFO", self.logger.name, self.msg, fields)
-        else:
-            line = formatter.line(created, "INFO", self.logger.name, self.msg, fields)
-        handler.emit_line(line)
+        if not formatter.redactor.is_plain(f"{request_id}\n{method}\n{path}\n{remote}"):
+            entry = formatter.redactor.clean(entry)
+        handler.emit_line(formatter.encode(entry))
 
     def _sole_handler(self) -> LineHandler | None:
         """The root's LineHandler, if a record would reach it and nothing else."""

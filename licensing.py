@@ -139,19 +139,9 @@ def restamp_key(lic: License, ring: KeyRing, now: int) -> None:
     lic.key_iat = now
 
 
-_leases = BoundedCache()
-"""Leases by everything they are made of: a machine validating again within the
-same second gets the same token without its claims being built and serialised."""
-
-
 def lease(lic: License, machine_hash: str, ring: KeyRing, issuer: str, ttl: int, now: int) -> str:
     end = lic.expires_at
     exp = now + ttl if end is None else min(end, now + ttl)
-    kid = ring.current.kid
-    memo = (kid, issuer, lic.id, machine_hash, lic.product, lic.tier, tuple(lic.features), now, exp)
-    token: str | None = _leases.get(memo)
-    if token is not None:
-        return token
     claims = {
         "iss": issuer,
         "sub": lic.id,
@@ -162,9 +152,7 @@ def lease(lic: License, machine_hash: str, ring: KeyRing, issuer: str, ttl: int,
         "iat": now,
         "exp": exp,
     }
-    token = keys.sign_claims(ring, claims, kid=kid)
-    _leases.put(memo, token)
-    return token
+    return keys.sign_claims(ring, claims, kid=ring.current.kid)
 
 
 # --- issuing ------------------------------------------------------------------
@@ -303,14 +291,69 @@ class LicenseRequest(NamedTuple):
         return cls(key=body["key"], machine_id=machine_id, product=body.get("product"))
 
 
-class Loaded(NamedTuple):
-    """A request's licence as read: the row, the verified key, and its machine's seat."""
+class Loaded:
+    """A request's licence as read: the row, the verified key, and its machine's seat.
 
-    license: License
-    parsed: keys.ParsedKey
-    seen: int | None
-    """The machine's ``last_seen_at``; None when it holds no seat (or none was named)."""
-    used: int
+    Remembered for as long as the store answers with the very same ``row``
+    (see :meth:`store.Store.license_seats_recent`), so what follows from the
+    row alone (the public view, whether the presented key is current, this
+    second's lease) is worked out once, not on every validation. Nothing here
+    changes once computed: two threads computing a value at once store equal
+    values.
+    """
+
+    def __init__(
+        self,
+        row: tuple[License | None, int | None, int],
+        parsed: keys.ParsedKey,
+        machine_hash: str | None,
+        issuer: str,
+    ) -> None:
+        lic, self.seen, self.used = row
+        """``seen`` is the machine's ``last_seen_at``: None when it holds no seat (or none was named)."""
+        if lic is None:
+            raise ValueError("a row without a licence")
+        self.license: License = lic
+        self.row = row
+        """The store's answer, held so that its ``id()`` is not reused while remembered."""
+        self.parsed = parsed
+        self.machine_hash = machine_hash
+        self.issuer = issuer
+        self._lease: tuple[int, str, str] | None = None
+
+    def with_license(self, lic: License) -> Loaded:
+        """The same read with the row replaced (after a write), remembered nowhere."""
+        return Loaded((lic, self.seen, self.used), self.parsed, self.machine_hash, self.issuer)
+
+    @functools.cached_property
+    def view(self) -> dict[str, Any]:
+        """:func:`license_view` with the seats as read. Shared by answers: read only."""
+        return license_view(self.license, self.used)
+
+    def view_with(self, machines_used: int) -> dict[str, Any]:
+        return self.view if machines_used == self.used else license_view(self.license, machines_used)
+
+    @functools.cached_property
+    def key_is_current(self) -> bool:
+        """Whether the presented key is the one the row would sign now.
+
+        Signing is deterministic and only this server signs: a verified key
+        with the row's claims and kid IS the current key, so it is re-derived
+        (one Ed25519 signature) only when the entitlement has moved on.
+        """
+        lic = self.license
+        return self.parsed.kid == lic.key_kid and self.parsed.claims == key_claims(lic, self.issuer)
+
+    def lease(self, ring: KeyRing, ttl: int, now: int) -> str:
+        """:func:`lease` for this machine, remembered for the second it was signed in."""
+        assert self.machine_hash is not None
+        kid = ring.current.kid
+        memo = self._lease
+        if memo is not None and memo[0] == now and memo[1] == kid:
+            return memo[2]
+        token = lease(self.license, self.machine_hash, ring, self.issuer, ttl, now)
+        self._lease = (now, kid, token)
+        return token
 
 
 class Licensing:
@@ -324,6 +367,8 @@ class Licensing:
         self.catalog = catalog
         self.issuer = issuer
         self.lease_ttl = lease_ttl_hours * 3600
+        self._loaded = BoundedCache(1024)
+        """:class:`Loaded` by the ``id()`` of the store's answer it was built from."""
         self._parsed = BoundedCache()
         """Keys parsed and verified, by their exact text: the memo of ``keys._verified``
         taken one step further, to the product and tier read from the text. A
@@ -349,10 +394,20 @@ class Licensing:
             return {"valid": False, "code": INVALID_KEY}
         if req.product is not None and req.product != parsed.product.id:
             return {"valid": False, "code": PRODUCT_MISMATCH}
-        lic, seen, used = self.store.license_seats_recent(parsed.claims["sub"], machine_hash)
+        row = self.store.license_seats_recent(parsed.claims["sub"], machine_hash)
+        lic = row[0]
         if lic is None or lic.product != parsed.product.id:
             return {"valid": False, "code": NOT_FOUND}
-        return Loaded(lic, parsed, seen, used)
+        loaded: Loaded | None = self._loaded.get(id(row))
+        if (
+            loaded is None
+            or loaded.row is not row
+            or loaded.parsed is not parsed
+            or loaded.machine_hash != machine_hash
+        ):
+            loaded = Loaded(row, parsed, machine_hash, self.issuer)
+            self._loaded.put(id(row), loaded)
+        return loaded
 
     def check(self, req: LicenseRequest, now: int) -> dict[str, Any]:
         """Validate (and, with a machine id, activate when a seat is free)."""
@@ -360,37 +415,42 @@ class Licensing:
         loaded = self._load(req, machine_hash)
         if not isinstance(loaded, Loaded):
             return loaded
-        lic, parsed, machines_used = loaded.license, loaded.parsed, loaded.used
-        code = entitlement(lic, now)
+        code = entitlement(loaded.license, now)
         activated = False
+        machines_used = loaded.used
         if code in VALID_CODES:
-            if lic.key_kid != self.ring.current.kid:
-                try:
-                    lic = self._restamp(lic.id, now) or lic
-                except StorageUnavailable:
-                    # The key the row holds still verifies: answer from reads, re-issue later.
-                    log.warning(
-                        "key not re-issued: the database cannot be written", extra={"license": lic.id}
-                    )
+            if loaded.license.key_kid != self.ring.current.kid:
+                loaded = self._restamped(loaded, now)
             if machine_hash is not None:
-                activated, machines_used = self._seat(lic, machine_hash, now, loaded.seen, loaded.used)
+                activated, machines_used = self._seat(
+                    loaded.license, machine_hash, now, loaded.seen, loaded.used
+                )
                 if not activated:
                     code = TOO_MANY_MACHINES
         answer: dict[str, Any] = {
             "valid": code in VALID_CODES,
             "code": code,
             "activated": activated,
-            "license": license_view(lic, machines_used),
+            "license": loaded.view_with(machines_used),
         }
         if code in VALID_CODES:
-            # Signing is deterministic and only this server signs: a verified key
-            # with the row's claims and kid IS the current key, so it is re-derived
-            # (one Ed25519 signature) only when the entitlement has moved on.
-            if parsed.kid != lic.key_kid or parsed.claims != key_claims(lic, self.issuer):
-                answer["key"] = license_key(lic, self.catalog, self.ring, self.issuer)
-            if activated and machine_hash is not None:
-                answer["lease"] = lease(lic, machine_hash, self.ring, self.issuer, self.lease_ttl, now)
+            if not loaded.key_is_current:
+                answer["key"] = license_key(loaded.license, self.catalog, self.ring, self.issuer)
+            if activated:
+                answer["lease"] = loaded.lease(self.ring, self.lease_ttl, now)
         return answer
+
+    def _restamped(self, loaded: Loaded, now: int) -> Loaded:
+        """The read with its key re-issued by the current signing key, when the database allows."""
+        try:
+            lic = self._restamp(loaded.license.id, now)
+        except StorageUnavailable:
+            # The key the row holds still verifies: answer from reads, re-issue later.
+            log.warning(
+                "key not re-issued: the database cannot be written", extra={"license": loaded.license.id}
+            )
+            return loaded
+        return loaded.with_license(lic) if lic is not None else loaded
 
     def _restamp(self, license_id: str, now: int) -> License | None:
         """Re-issue a key signed by a retired key, so that key can leave the JWKS."""

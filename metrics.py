@@ -70,7 +70,8 @@ class _Shard:
 
     def __init__(self) -> None:
         self.requests: dict[Labels, int] = {}
-        self.latency: dict[Labels, _Histogram] = {}
+        self.latency: dict[str, _Histogram] = {}
+        """By route label."""
         self.license_answers: dict[Labels, int] = {}
         self.webhooks: dict[Labels, int] = {}
 
@@ -101,17 +102,22 @@ class Metrics:
         """Count one answered request; a license route's answer also counts its ``code``."""
         shard = self._shard()
         label = route or UNMATCHED
-        method = method if method in _METHODS else OTHER
-        _inc(shard.requests, (method, label, str(status)))
-        histogram = shard.latency.get((label,))
+        labels = (method if method in _METHODS else OTHER, label, str(status))
+        requests = shard.requests
+        count = requests.get(labels)
+        if count is None:
+            _inc(requests, labels)
+        else:
+            requests[labels] = count + 1
+        histogram = shard.latency.get(label)
         if histogram is None:
             histogram = _Histogram()
             if len(shard.latency) < MAX_SERIES:
-                shard.latency[(label,)] = histogram
-        histogram.observe(max(0.0, seconds))
-        if route and route.startswith(LICENSE_PREFIX) and isinstance(body, dict):
+                shard.latency[label] = histogram
+        histogram.observe(seconds if seconds > 0.0 else 0.0)
+        if route and type(body) is dict and route.startswith(LICENSE_PREFIX):
             code = body.get("code")
-            if isinstance(code, str):
+            if type(code) is str:
                 _inc(shard.license_answers, (route.removeprefix(LICENSE_PREFIX), code))
 
     def record_webhook(self, event_type: str, outcome: str) -> None:
@@ -133,12 +139,12 @@ class Metrics:
             ):
                 for labels, count in dict(part).items():
                     _inc(into, labels, count)
-            for labels, histogram in dict(shard.latency).items():
-                merged = total.latency.get(labels)
+            for route, histogram in dict(shard.latency).items():
+                merged = total.latency.get(route)
                 if merged is None:
                     if len(total.latency) >= MAX_SERIES:
                         continue
-                    merged = total.latency[labels] = _Histogram()
+                    merged = total.latency[route] = _Histogram()
                 merged.add(histogram)
         return total
 
@@ -158,7 +164,7 @@ class Metrics:
             "histogram",
             "Time from request start to the answer being ready.",
         )
-        for (route,), (buckets, count, total) in sorted(latency.items()):
+        for route, (buckets, count, total) in sorted(latency.items()):
             cumulative = 0
             for bound, n in zip(LATENCY_BUCKETS, buckets, strict=True):
                 cumulative += n
