@@ -39,6 +39,7 @@ OUTBOX_BACKLOG_STATUSES = ("pending", "sending", "failed")
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 Labels = tuple[str, ...]
+Answered = tuple[str, str, int, str | None]
 
 
 class _Histogram:
@@ -50,6 +51,8 @@ class _Histogram:
         self.sum = 0.0
 
     def observe(self, value: float) -> None:
+        if value < 0.0:
+            value = 0.0
         index = bisect.bisect_left(LATENCY_BUCKETS, value)  # the first bound >= value
         if index < len(LATENCY_BUCKETS):
             self.buckets[index] += 1
@@ -66,13 +69,15 @@ class _Histogram:
 class _Shard:
     """One thread's counters: only that thread writes them, so they need no lock."""
 
-    __slots__ = ("latency", "license_answers", "requests", "webhooks")
+    __slots__ = ("answered", "latency", "webhooks")
 
     def __init__(self) -> None:
-        self.requests: dict[Labels, int] = {}
+        self.answered: dict[Answered, int] = {}
+        """Requests by method, route label, status and answer ``code`` (None when the
+        answer has none): both request and licence-answer counters are sums of it,
+        so a request costs one count."""
         self.latency: dict[str, _Histogram] = {}
         """By route label."""
-        self.license_answers: dict[Labels, int] = {}
         self.webhooks: dict[Labels, int] = {}
 
 
@@ -102,23 +107,20 @@ class Metrics:
         """Count one answered request; a license route's answer also counts its ``code``."""
         shard = self._shard()
         label = route or UNMATCHED
-        labels = (method if method in _METHODS else OTHER, label, str(status))
-        requests = shard.requests
-        count = requests.get(labels)
+        code = body.get("code") if type(body) is dict else None
+        key = (method, label, status, code if type(code) is str else None)
+        answered = shard.answered
+        count = answered.get(key)
         if count is None:
-            _inc(requests, labels)
+            _first_answer(answered, key)
         else:
-            requests[labels] = count + 1
+            answered[key] = count + 1
         histogram = shard.latency.get(label)
         if histogram is None:
             histogram = _Histogram()
             if len(shard.latency) < MAX_SERIES:
                 shard.latency[label] = histogram
-        histogram.observe(seconds if seconds > 0.0 else 0.0)
-        if route and type(body) is dict and route.startswith(LICENSE_PREFIX):
-            code = body.get("code")
-            if type(code) is str:
-                _inc(shard.license_answers, (route.removeprefix(LICENSE_PREFIX), code))
+        histogram.observe(seconds)
 
     def record_webhook(self, event_type: str, outcome: str) -> None:
         _inc(self._shard().webhooks, (str(event_type)[:100], str(outcome)[:50]))
@@ -132,13 +134,10 @@ class Metrics:
             shards = list(self._shards)
         total = _Shard()
         for shard in shards:
-            for into, part in (
-                (total.requests, shard.requests),
-                (total.license_answers, shard.license_answers),
-                (total.webhooks, shard.webhooks),
-            ):
-                for labels, count in dict(part).items():
-                    _inc(into, labels, count)
+            for key, count in dict(shard.answered).items():
+                total.answered[key] = total.answered.get(key, 0) + count
+            for labels, count in dict(shard.webhooks).items():
+                _inc(total.webhooks, labels, count)
             for route, histogram in dict(shard.latency).items():
                 merged = total.latency.get(route)
                 if merged is None:
@@ -153,7 +152,14 @@ class Metrics:
     def render(self, store: Store | None, now: float) -> str:
         """The exposition text: in-memory counters, then gauges read from ``store``."""
         counted = self._totals()
-        requests, answers, webhooks = counted.requests, counted.license_answers, counted.webhooks
+        requests: dict[Labels, int] = {}
+        answers: dict[Labels, int] = {}
+        for (method, route, status, code), count in counted.answered.items():
+            # Status 0 is the capped series' (no answer has it): it renders as "other".
+            _inc(requests, (method, route, str(status) if status else OTHER), count)
+            if code is not None and route.startswith(LICENSE_PREFIX):
+                _inc(answers, (route.removeprefix(LICENSE_PREFIX), code), count)
+        webhooks = counted.webhooks
         latency = {k: (h.buckets, h.count, h.sum) for k, h in counted.latency.items()}
         out: list[str] = []
         _family(out, "licensed_http_requests_total", "counter", "HTTP requests answered.")
@@ -255,6 +261,19 @@ def _epoch(value: str | None) -> float | None:
     except ValueError:
         return None
     return number if number > 0 and math.isfinite(number) else None
+
+
+def _first_answer(answered: dict[Answered, int], key: Answered) -> None:
+    """Count a request whose labels were not counted yet in this shard: an odd
+    method counts as ``other``, and past :data:`MAX_SERIES` label sets whatever
+    is new counts under ``other`` (status 0)."""
+    method, route, status, code = key
+    if method not in _METHODS:
+        key = (OTHER, route, status, code)
+    if key not in answered and len(answered) >= MAX_SERIES:
+        # A licence route's answers still count by code: three routes, a dozen codes.
+        key = (OTHER, route if route.startswith(LICENSE_PREFIX) else OTHER, 0, code)
+    answered[key] = answered.get(key, 0) + 1
 
 
 def _inc(family: dict[Labels, int], labels: Labels, by: int = 1) -> None:

@@ -235,6 +235,21 @@ def test_series_are_capped() -> None:
     assert value(samples, "licensed_webhooks_total", type="other", outcome="other") == 50
 
 
+def test_request_series_are_capped_and_answers_counted_once() -> None:
+    registry = Metrics()
+    for n in range(MAX_SERIES + 50):
+        registry.observe_request("GET", f"/route-{n}", 200, 0.001)
+    for code in ("VALID", "VALID", "EXPIRED"):
+        registry.observe_request("POST", "/api/license/validate", 200, 0.001, {"code": code})
+    samples = parse(registry.render(None, T0))
+    name = "licensed_http_requests_total"
+    request_series = [k for k in samples if k[0] == name]
+    assert len(request_series) == MAX_SERIES + 1
+    assert value(samples, name, method="other", route="other", status="other") == 53
+    assert value(samples, "licensed_license_answers_total", action="validate", code="VALID") == 2
+    assert value(samples, "licensed_license_answers_total", action="validate", code="EXPIRED") == 1
+
+
 def test_counting_is_thread_safe() -> None:
     registry = Metrics()
 
