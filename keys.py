@@ -125,6 +125,8 @@ class KeyRing:
         self._by_kid: dict[str, SigningKey] = {}
         self._stamp: int = -1
         self._checked = 0.0
+        self.generation = 0
+        """Counts the loads: what was verified against one generation is re-checked under the next."""
         self._load()
 
     @classmethod
@@ -146,6 +148,7 @@ class KeyRing:
         self._keys = keys
         self._by_kid = {k.kid: k for k in keys}
         self._stamp = stamp
+        self.generation += 1
 
     def _maybe_reload(self) -> None:
         now = time.monotonic()

@@ -551,15 +551,22 @@ class AccessLog:
 
     Through :mod:`logging` an access line costs a LogRecord, the logger's
     dispatch and a walk of the record's attributes, a sizeable share of a
-    validation. When the server's :class:`LineHandler` is the only place lines
-    go (as ``serve`` sets it up), the line is built by that handler's own
-    formatter and queued on it directly; any other set-up (a test capturing
-    records, filters, more handlers) gets an ordinary record.
+    validation. Once :meth:`bind` has found that the server's
+    :class:`LineHandler` is the only place lines go (``serve`` binds at
+    start-up, after setting logging up), the line is built by that handler's
+    own formatter and queued on it directly. Unbound (a test capturing
+    records, filters, more handlers), each request makes an ordinary record.
     """
 
     def __init__(self, logger: logging.Logger, msg: str = "request") -> None:
         self.logger = logger
         self.msg = msg
+        self.handler: LineHandler | None = None
+
+    def bind(self) -> bool:
+        """Write straight to the root's LineHandler from now on, if it alone gets these lines."""
+        self.handler = self._sole_handler()
+        return self.handler is not None
 
     def __call__(self, request_id: str, method: str, path: str, status: int, ms: float, remote: str) -> None:
         fields = {
@@ -570,7 +577,7 @@ class AccessLog:
             "ms": ms,
             "remote": remote,
         }
-        handler = self._sole_handler()
+        handler = self.handler
         if handler is None:
             self.logger.info(self.msg, extra=fields)
             return
@@ -692,7 +699,9 @@ def serve(config: Config) -> None:
     for line in init_data_dir(config, int(time.time())):
         log.info(line)
     services = build_services(config)
-    server = create_server(App(services), config)
+    app = App(services)
+    app.access_log.bind()
+    server = create_server(app, config)
     log.info(
         "listening",
         extra={"url": f"http://{config.host}:{server.effective_port}", "port": int(server.effective_port)},

@@ -294,36 +294,38 @@ class LicenseRequest(NamedTuple):
 class Loaded:
     """A request's licence as read: the row, the verified key, and its machine's seat.
 
-    Remembered for as long as the store answers with the very same ``row``
-    (see :meth:`store.Store.license_seats_recent`), so what follows from the
-    row alone (the public view, whether the presented key is current, this
-    second's lease) is worked out once, not on every validation. Nothing here
-    changes once computed: two threads computing a value at once store equal
-    values.
+    Remembered for the request that read it (see :class:`store.RecentReads`:
+    until the next commit anywhere), so an installation validating again and
+    again costs no SQLite step, no signature check and no hashing, and what
+    follows from the row alone (the public view, whether the presented key is
+    current, this second's lease) is worked out once. Nothing here changes once
+    computed: two threads computing a value at once store equal values.
     """
 
     def __init__(
         self,
-        row: tuple[License | None, int | None, int],
+        lic: License,
+        seen: int | None,
+        used: int,
         parsed: keys.ParsedKey,
         machine_hash: str | None,
         issuer: str,
+        generation: int,
     ) -> None:
-        lic, self.seen, self.used = row
-        """``seen`` is the machine's ``last_seen_at``: None when it holds no seat (or none was named)."""
-        if lic is None:
-            raise ValueError("a row without a licence")
-        self.license: License = lic
-        self.row = row
-        """The store's answer, held so that its ``id()`` is not reused while remembered."""
+        self.license = lic
+        self.seen = seen
+        """The machine's ``last_seen_at``: None when it holds no seat (or none was named)."""
+        self.used = used
         self.parsed = parsed
         self.machine_hash = machine_hash
         self.issuer = issuer
+        self.generation = generation
+        """The key ring's generation the key was verified under."""
         self._lease: tuple[int, str, str] | None = None
 
     def with_license(self, lic: License) -> Loaded:
         """The same read with the row replaced (after a write), remembered nowhere."""
-        return Loaded((lic, self.seen, self.used), self.parsed, self.machine_hash, self.issuer)
+        return Loaded(lic, self.seen, self.used, self.parsed, self.machine_hash, self.issuer, self.generation)
 
     @functools.cached_property
     def view(self) -> dict[str, Any]:
@@ -367,8 +369,8 @@ class Licensing:
         self.catalog = catalog
         self.issuer = issuer
         self.lease_ttl = lease_ttl_hours * 3600
-        self._loaded = BoundedCache(1024)
-        """:class:`Loaded` by the ``id()`` of the store's answer it was built from."""
+        self._loaded = store.recent_reads(4096)
+        """:class:`Loaded` by the request that read it."""
         self._parsed = BoundedCache()
         """Keys parsed and verified, by their exact text: the memo of ``keys._verified``
         taken one step further, to the product and tier read from the text. A
@@ -386,35 +388,37 @@ class Licensing:
         """The licence's current key, re-derived from its row."""
         return license_key(lic, self.catalog, self.ring, self.issuer)
 
-    def _load(self, req: LicenseRequest, machine_hash: str | None) -> Loaded | dict[str, Any]:
+    def _load(self, req: LicenseRequest) -> Loaded | dict[str, Any]:
         """The licence a key names, with its seats, or the outcome that stops the request."""
+        loaded: Loaded | None = self._loaded.get(req)
+        if loaded is not None and loaded.generation == self.ring.generation:
+            return loaded
+        mark = self._loaded.mark()
+        outcome = self._read(req)
+        if isinstance(outcome, Loaded):
+            self._loaded.put(req, mark, outcome)
+        return outcome
+
+    def _read(self, req: LicenseRequest) -> Loaded | dict[str, Any]:
+        generation = self.ring.generation
         try:
             parsed = self._parse(req.key)
         except InvalidToken:
             return {"valid": False, "code": INVALID_KEY}
         if req.product is not None and req.product != parsed.product.id:
             return {"valid": False, "code": PRODUCT_MISMATCH}
-        row = self.store.license_seats_recent(parsed.claims["sub"], machine_hash)
-        lic = row[0]
+        machine_hash = keys.machine_hash(req.machine_id) if req.machine_id else None
+        lic, seen, used = self.store.license_seats_recent(parsed.claims["sub"], machine_hash)
         if lic is None or lic.product != parsed.product.id:
             return {"valid": False, "code": NOT_FOUND}
-        loaded: Loaded | None = self._loaded.get(id(row))
-        if (
-            loaded is None
-            or loaded.row is not row
-            or loaded.parsed is not parsed
-            or loaded.machine_hash != machine_hash
-        ):
-            loaded = Loaded(row, parsed, machine_hash, self.issuer)
-            self._loaded.put(id(row), loaded)
-        return loaded
+        return Loaded(lic, seen, used, parsed, machine_hash, self.issuer, generation)
 
     def check(self, req: LicenseRequest, now: int) -> dict[str, Any]:
         """Validate (and, with a machine id, activate when a seat is free)."""
-        machine_hash = keys.machine_hash(req.machine_id) if req.machine_id else None
-        loaded = self._load(req, machine_hash)
+        loaded = self._load(req)
         if not isinstance(loaded, Loaded):
             return loaded
+        machine_hash = loaded.machine_hash
         code = entitlement(loaded.license, now)
         activated = False
         machines_used = loaded.used
@@ -490,10 +494,10 @@ class Licensing:
 
     def deactivate(self, req: LicenseRequest, now: int) -> dict[str, Any]:
         assert req.machine_id is not None
-        machine_hash = keys.machine_hash(req.machine_id)
-        loaded = self._load(req, machine_hash)
+        loaded = self._load(req)
         if not isinstance(loaded, Loaded):
             return {**loaded, "deactivated": False}
+        machine_hash = keys.machine_hash(req.machine_id)
         with self.store.atomic():
             removed = self.store.remove_machine(loaded.license.id, machine_hash)
         return {

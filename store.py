@@ -275,6 +275,46 @@ LICENSE_SELECT = ", ".join(f"licenses.{name}" for name in LICENSE_COLUMNS)
 """The columns :meth:`License.from_row` reads, in its order, whatever order the table has."""
 
 
+class RecentReads:
+    """What was read from one store (or worked out from such reads), served from
+    memory until the next commit anywhere, and for at most
+    :data:`RECENT_READ_SECONDS` after its read began.
+
+    Every process that writes through :class:`Store` bumps the shared
+    :class:`changes.ChangeCounter` after each commit that changed a row; an
+    entry is served only while the counter still shows what it showed before
+    its read. Bounded; a store with no open connection remembers nothing.
+    """
+
+    def __init__(self, store: Store, size: int) -> None:
+        self._store = store
+        self._memo = BoundedCache(size)
+
+    def get(self, key: Any) -> Any:
+        """The value put under ``key``, while still good; else None."""
+        changes = self._store._changes
+        if changes is None:
+            return None
+        memo = self._memo.get(key)
+        if memo is not None and memo[0] == changes.read() and time.monotonic() < memo[1]:
+            return memo[2]
+        return None
+
+    def mark(self) -> tuple[int, float] | None:
+        """Taken just before a read, for :meth:`put`: a commit after it ends the entry."""
+        changes = self._store._changes
+        if changes is None:
+            return None
+        return changes.read(), time.monotonic() + RECENT_READ_SECONDS
+
+    def put(self, key: Any, mark: tuple[int, float] | None, value: Any) -> None:
+        if mark is not None:
+            self._memo.put(key, (mark[0], mark[1], value))
+
+    def clear(self) -> None:
+        self._memo.clear()
+
+
 class Store:
     """The database of one server. Thread-safe: one connection per thread."""
 
@@ -284,7 +324,11 @@ class Store:
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
         self._changes: ChangeCounter | None = None
-        self._recent = BoundedCache(50_000)
+        self._recent = RecentReads(self, 50_000)
+
+    def recent_reads(self, size: int) -> RecentReads:
+        """A memo of values worked out from this store's reads (see :class:`RecentReads`)."""
+        return RecentReads(self, size)
 
     @property
     def changes_path(self) -> Path:
@@ -822,24 +866,18 @@ class Store:
     def license_seats_recent(
         self, license_id: str, machine_hash: str | None
     ) -> tuple[License | None, int | None, int]:
-        """:meth:`license_seats`, remembered until the next commit anywhere.
+        """:meth:`license_seats`, remembered (see :class:`RecentReads`).
 
         An installation that validates again and again (a restart loop, a
         script) is answered from memory, with no SQLite step, so it does not
         slow the others. The answer is shared: callers must not change it.
         """
-        changes = self._changes
-        if changes is None:
-            return self.license_seats(license_id, machine_hash)
-        count = changes.read()  # before the read: a commit after this one ends the memo
         key = (license_id, machine_hash)
-        moment = time.monotonic()
-        memo = self._recent.get(key)
-        if memo is not None and memo[0] == count and moment < memo[1]:
-            answer: tuple[License | None, int | None, int] = memo[2]
-            return answer
-        answer = self.license_seats(license_id, machine_hash)
-        self._recent.put(key, (count, moment + RECENT_READ_SECONDS, answer))
+        answer: tuple[License | None, int | None, int] | None = self._recent.get(key)
+        if answer is None:
+            mark = self._recent.mark()
+            answer = self.license_seats(license_id, machine_hash)
+            self._recent.put(key, mark, answer)
         return answer
 
     def machine_state(self, license_id: str, machine_hash: str) -> tuple[int | None, int]:

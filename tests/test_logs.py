@@ -214,7 +214,7 @@ def test_access_lines_skip_the_walk_only_when_nothing_needs_masking(
     access = licensed.AccessLog(logging.getLogger("licensed.access"))
     with logging_as_served() as stream:
         redact.remember_body({"key": "DC-PRO-unrelated", "machine_id": MACHINE_ID})
-        assert access._sole_handler() is not None  # the quick path is the one under test
+        assert access.bind()  # the quick path is the one under test
         access(request_id, "POST", path, 200, 0.25, "127.0.0.1")
     [entry] = lines_of(stream)
     assert entry["status"] == 200 and entry["ms"] == 0.25 and entry["remote"] == "127.0.0.1"
@@ -224,6 +224,19 @@ def test_access_lines_skip_the_walk_only_when_nothing_needs_masking(
     else:
         assert hidden not in stream.getvalue()
         assert redact.MASK in entry["request_id"] + entry["path"]
+
+
+def test_access_lines_stay_records_when_anything_else_listens() -> None:
+    access = licensed.AccessLog(logging.getLogger("licensed.access"))
+    with logging_as_served():
+        assert access.bind()
+        extra = logging.Handler()
+        logging.getLogger("licensed").addHandler(extra)
+        try:
+            assert not access.bind()
+            assert access.handler is None
+        finally:
+            logging.getLogger("licensed").removeHandler(extra)
 
 
 # --- through the server ----------------------------------------------------------------
