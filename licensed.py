@@ -93,10 +93,6 @@ _REASONS = {
 _STATUS_LINES = {status: f"{status} {reason}" for status, reason in _REASONS.items()}
 
 
-def _status_line(status: int) -> str:
-    return _STATUS_LINES.get(status) or f"{status} Unknown"
-
-
 # --- the application ----------------------------------------------------------------
 
 LICENSE_BODY = openapi.obj(
@@ -216,17 +212,16 @@ class App:
         path = environ.get("PATH_INFO", "") or "/"
         request_id = _request_id(environ)
         redact.start_request()
-        client = ratelimit.client_address(
-            str(environ.get("REMOTE_ADDR") or ""),
-            environ.get("HTTP_X_FORWARDED_FOR"),
-            self.config.trusted_proxies,
-        )
+        client = environ.get("REMOTE_ADDR") or ""
+        forwarded = environ.get("HTTP_X_FORWARDED_FOR")
+        if forwarded:
+            client = ratelimit.client_address(client, forwarded, self.config.trusted_proxies)
         origin = environ.get("HTTP_ORIGIN")
         route: Route | None = None
         try:
-            if ratelimit.is_limited(path):
+            if self.limiter.enabled and ratelimit.is_limited(path):
                 self.limiter.check(client)
-            if self.cors.is_preflight(method, path):
+            if method == "OPTIONS" and self.cors.is_preflight(method, path):
                 response = self.cors.preflight(path, origin, self.router.methods(path))
             else:
                 route, params = self.router.match(method, path)
@@ -246,24 +241,29 @@ class App:
                 extra={"request_id": request_id, "trace": traceback.format_exc(limit=20)},
             )
             response = error_response(LicensedError())
-        payload = b"" if response.stream is not None else response.encode()
-        headers = [("Content-Type", JSON_TYPE if response.raw is None else response.content_type)]
+        status = response.status
+        content_type = JSON_TYPE if response.raw is None else response.content_type
         if response.stream is None:
-            headers.append(("Content-Length", str(len(payload))))
-        headers.append(("X-Request-Id", request_id))
+            payload = response.encode()
+            headers = [
+                ("Content-Type", content_type),
+                ("Content-Length", str(len(payload))),
+                ("X-Request-Id", request_id),
+            ]
+        else:
+            payload = b""
+            headers = [("Content-Type", content_type), ("X-Request-Id", request_id)]
         if response.headers:
             headers += response.headers
         headers += self.cors.headers(path, origin)
         if not response.headers or not any(name == "Cache-Control" for name, _ in response.headers):
             headers.append(("Cache-Control", "no-store"))
-        if response.status == 204:
+        if status == 204:
             headers = [h for h in headers if h[0] not in ("Content-Type", "Content-Length")]
-        start_response(_status_line(response.status), headers)
+        start_response(_STATUS_LINES.get(status) or f"{status} Unknown", headers)
         elapsed = time.perf_counter() - started
-        self.metrics.observe_request(
-            method, route.path if route else None, response.status, elapsed, response.body
-        )
-        self.access_log(request_id, method, path, response.status, round(elapsed * 1000, 2), client)
+        self.metrics.observe_request(method, route.path if route else None, status, elapsed, response.body)
+        self.access_log(request_id, method, path, status, round(elapsed * 1000, 2), client)
         if response.stream is not None:
             return response.stream
         return [payload]

@@ -139,7 +139,10 @@ def restamp_key(lic: License, ring: KeyRing, now: int) -> None:
     lic.key_iat = now
 
 
-def lease(lic: License, machine_hash: str, ring: KeyRing, issuer: str, ttl: int, now: int) -> str:
+def lease(
+    lic: License, machine_hash: str, ring: KeyRing, issuer: str, ttl: int, now: int, kid: str | None = None
+) -> str:
+    """A lease for the machine, signed by ``kid`` (default: the ring's current key)."""
     end = lic.expires_at
     exp = now + ttl if end is None else min(end, now + ttl)
     claims = {
@@ -152,7 +155,7 @@ def lease(lic: License, machine_hash: str, ring: KeyRing, issuer: str, ttl: int,
         "iat": now,
         "exp": exp,
     }
-    return keys.sign_claims(ring, claims, kid=ring.current.kid)
+    return keys.sign_claims(ring, claims, kid=kid)
 
 
 # --- issuing ------------------------------------------------------------------
@@ -346,14 +349,14 @@ class Loaded:
         lic = self.license
         return self.parsed.kid == lic.key_kid and self.parsed.claims == key_claims(lic, self.issuer)
 
-    def lease(self, ring: KeyRing, ttl: int, now: int) -> str:
-        """:func:`lease` for this machine, remembered for the second it was signed in."""
+    def lease(self, ring: KeyRing, kid: str, ttl: int, now: int) -> str:
+        """:func:`lease` for this machine signed by ``kid`` (the ring's current key),
+        remembered for the second it was signed in."""
         assert self.machine_hash is not None
-        kid = ring.current.kid
         memo = self._lease
         if memo is not None and memo[0] == now and memo[1] == kid:
             return memo[2]
-        token = lease(self.license, self.machine_hash, ring, self.issuer, ttl, now)
+        token = lease(self.license, self.machine_hash, ring, self.issuer, ttl, now, kid)
         self._lease = (now, kid, token)
         return token
 
@@ -422,8 +425,9 @@ class Licensing:
         code = entitlement(loaded.license, now)
         activated = False
         machines_used = loaded.used
+        kid = self.ring.current.kid
         if code in VALID_CODES:
-            if loaded.license.key_kid != self.ring.current.kid:
+            if loaded.license.key_kid != kid:
                 loaded = self._restamped(loaded, now)
             if machine_hash is not None:
                 activated, machines_used = self._seat(
@@ -441,7 +445,7 @@ class Licensing:
             if not loaded.key_is_current:
                 answer["key"] = license_key(loaded.license, self.catalog, self.ring, self.issuer)
             if activated:
-                answer["lease"] = loaded.lease(self.ring, self.lease_ttl, now)
+                answer["lease"] = loaded.lease(self.ring, kid, self.lease_ttl, now)
         return answer
 
     def _restamped(self, loaded: Loaded, now: int) -> Loaded:
