@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 from server_proc import ServerProcess, make_data_dir
 
 import changes
+import keys
+import licensing
 import store as store_module
 from services import Services
 from store import Store
@@ -171,6 +173,61 @@ def test_a_remembered_read_always_equals_a_fresh_one(services: Services, operati
                     assert reader.license_seats_recent(lic.id, machine) == reader.license_seats(
                         lic.id, machine
                     )
+    finally:
+        second.close()
+
+
+VALIDATIONS = st.lists(
+    st.tuples(
+        st.sampled_from(["validate", "status", "seat", "unseat", "deactivate", "later"]),
+        st.sampled_from(["active", "suspended", "revoked", "m1", "m2", "m3"]),
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(operations=VALIDATIONS)
+def test_a_remembered_validation_answers_as_a_fresh_one(
+    services: Services, operations: list[tuple[str, str]]
+) -> None:
+    """The licensing layer remembers whole reads per request: whatever another process
+    commits, and whatever validations write themselves, its answer is the one a
+    licensing layer with nothing remembered gives at the same moment."""
+    second = Store(services.config.db_path)
+    lic = issue_license(services, email=f"v{len(operations)}-{os.urandom(4).hex()}@example.com")
+
+    def layer(store: Store) -> licensing.Licensing:
+        return licensing.Licensing(store, services.ring, services.catalog, "http://test", 24)
+
+    remembering = layer(services.store)
+    key = remembering.key(lic)
+    now = T0
+    try:
+        for action, value in operations:
+            machine = value if value.startswith("m") else "m1"
+            if action == "status" and not value.startswith("m"):
+                set_status(second, lic.id, value)
+            elif action == "seat":
+                with second.atomic():
+                    if second.machine_state(lic.id, keys.machine_hash(machine))[0] is None:
+                        second.add_machine(lic.id, keys.machine_hash(machine), now)
+            elif action == "unseat":
+                with second.atomic():
+                    second.remove_machine(lic.id, keys.machine_hash(machine))
+            elif action == "deactivate":
+                remembering.deactivate(licensing.LicenseRequest(key, machine), now)
+            elif action == "later":
+                now += licensing.SEEN_WRITE_INTERVAL
+            elif action == "validate":
+                remembering.check(licensing.LicenseRequest(key, machine), now)
+            for asked in (None, "m1", "m2"):
+                request = licensing.LicenseRequest(key, asked)
+                fresh = Store(services.config.db_path)  # nothing remembered, at any level
+                try:
+                    assert remembering.check(request, now) == layer(fresh).check(request, now)
+                finally:
+                    fresh.close()
     finally:
         second.close()
 

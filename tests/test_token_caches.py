@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,26 @@ def test_the_memo_is_bounded() -> None:
         memo.put(number, number)
         assert len(memo._data) <= 3
     assert memo.get(9) == 9
+
+
+def test_a_remembered_validation_needs_its_signer_in_the_ring(services: Services) -> None:
+    """A validation answered from memory is re-checked once the ring has changed: a key
+    whose signer was taken out of the ring stops validating, remembered or not."""
+    lic = licensing.issue_license(
+        services.store,
+        services.ring,
+        services.catalog.plans["pro-year"],
+        email="b@example.com",
+        now=services.now(),
+        actor="test",
+    )
+    layer = licensing.Licensing(services.store, services.ring, services.catalog, "http://test", 24)
+    request = licensing.LicenseRequest(layer.key(lic), "machine-1")
+    for _ in range(2):  # the second answer comes from memory
+        assert layer.check(request, services.now())["code"] == licensing.VALID
+    keys_dir = services.config.keys_dir
+    keys.create_key(keys_dir, now=time.time() + 1)
+    (keys_dir / f"{lic.key_kid}{keys.KEY_SUFFIX}").unlink()
+    services.ring._checked = 0.0  # the ring looks at its folder now, not in up to 2 s
+    assert services.ring.current.kid != lic.key_kid
+    assert layer.check(request, services.now())["code"] == licensing.INVALID_KEY
