@@ -1,6 +1,6 @@
 """A count of committed writes to the database, shared by every process that opens it.
 
-The server remembers recent reads (see :meth:`store.Store.license_seats_recent`)
+The server remembers recent reads (see :class:`store.RecentReads`)
 and must forget them the moment anything commits a write: the server's own
 threads, and also ``licensed admin`` or cron's ``licensed reconcile`` in
 their own processes. Each of them adds one to this counter after every commit
