@@ -143,6 +143,7 @@ class App:
         self.config = services.config
         self.licensing = services.licensing
         self.limiter = ratelimit.RateLimiter(self.config.rate_limit_per_minute, services.clock)
+        self.rate_limited = self.limiter.enabled
         self.cors = cors.Cors(self.config.website_url)
         self.metrics = metrics.REGISTRY
         self.access_log = AccessLog(access_log)
@@ -219,7 +220,7 @@ class App:
         origin = environ.get("HTTP_ORIGIN")
         route: Route | None = None
         try:
-            if self.limiter.enabled and ratelimit.is_limited(path):
+            if self.rate_limited and ratelimit.is_limited(path):
                 self.limiter.check(client)
             if method == "OPTIONS" and self.cors.is_preflight(method, path):
                 response = self.cors.preflight(path, origin, self.router.methods(path))

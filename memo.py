@@ -14,18 +14,19 @@ class BoundedCache:
 
     def __init__(self, size: int = 10_000) -> None:
         self.size = size
-        self._data: dict[Any, Any] = {}
+        self.entries: dict[Any, Any] = {}
+        """The dict itself, for readers on a hot path (the same object for the cache's life)."""
 
     def get(self, key: Any) -> Any:
-        return self._data.get(key)
+        return self.entries.get(key)
 
     def put(self, key: Any, value: Any) -> None:
-        if len(self._data) >= self.size:
-            self._data.clear()
-        self._data[key] = value
+        if len(self.entries) >= self.size:
+            self.entries.clear()
+        self.entries[key] = value
 
     def clear(self) -> None:
-        self._data.clear()
+        self.entries.clear()
 
     def __len__(self) -> int:
-        return len(self._data)
+        return len(self.entries)

@@ -46,16 +46,16 @@ class _Histogram:
     __slots__ = ("buckets", "count", "sum")
 
     def __init__(self) -> None:
-        self.buckets = [0] * len(LATENCY_BUCKETS)  # non-cumulative; summed when rendered
+        # Non-cumulative, summed when rendered; the last slot counts what is above
+        # every bound (+Inf, which the count already says).
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.count = 0
         self.sum = 0.0
 
     def observe(self, value: float) -> None:
         if value < 0.0:
             value = 0.0
-        index = bisect.bisect_left(LATENCY_BUCKETS, value)  # the first bound >= value
-        if index < len(LATENCY_BUCKETS):
-            self.buckets[index] += 1
+        self.buckets[bisect.bisect_left(LATENCY_BUCKETS, value)] += 1  # the first bound >= value
         self.count += 1
         self.sum += value
 
@@ -105,7 +105,10 @@ class Metrics:
         self, method: str, route: str | None, status: int, seconds: float, body: Any = None
     ) -> None:
         """Count one answered request; a license route's answer also counts its ``code``."""
-        shard = self._shard()
+        try:
+            shard: _Shard = self._local.shard
+        except AttributeError:
+            shard = self._shard()
         label = route or UNMATCHED
         code = body.get("code") if type(body) is dict else None
         key = (method, label, status, code if type(code) is str else None)
@@ -172,7 +175,7 @@ class Metrics:
         )
         for route, (buckets, count, total) in sorted(latency.items()):
             cumulative = 0
-            for bound, n in zip(LATENCY_BUCKETS, buckets, strict=True):
+            for bound, n in zip(LATENCY_BUCKETS, buckets[: len(LATENCY_BUCKETS)], strict=True):
                 cumulative += n
                 out.append(
                     _line(

@@ -119,9 +119,10 @@ def _string_checker(schema: Schema, where: str) -> Checker:
     def check_string(value: Any) -> None:
         if not isinstance(value, str):
             raise ValidationFailed(f"{where} must be a string")
-        if len(value) < shortest:
+        size = len(value)
+        if size < shortest:
             raise ValidationFailed(f"{where} is too short")
-        if len(value) > longest:
+        if size > longest:
             raise ValidationFailed(f"{where} is too long")
         if compiled is not None and not compiled.search(value):
             raise ValidationFailed(f"{where} has the wrong form")
