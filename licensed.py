@@ -408,10 +408,11 @@ class JsonFormatter(logging.Formatter):
     def encode(entry: Any) -> bytes:
         """The entry as one line of UTF-8 JSON (no newline)."""
         try:
-            return orjson.dumps(entry, default=str, option=orjson.OPT_NON_STR_KEYS)
+            return orjson.dumps(entry, default=str)
         except orjson.JSONEncodeError:
-            # orjson refuses text UTF-8 cannot carry (a lone surrogate); the line
-            # still goes out, with such characters escaped.
+            # orjson refuses keys that are not strings (in a nested field) and text
+            # UTF-8 cannot carry (a lone surrogate): the line still goes out, with
+            # such keys written as strings and such characters escaped.
             return json.dumps(entry, default=str).encode()
 
 

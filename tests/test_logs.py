@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import io
 import json
 import logging
@@ -130,6 +131,20 @@ def test_fields_with_sensitive_names_are_masked_whole() -> None:
         "kid": "2027-01",
         "count": 3,
     }
+
+
+@pytest.mark.parametrize(
+    ("msg", "extra"),
+    [
+        ("a lone surrogate \ud800 in the message", {}),
+        ("fields of every kind", {"counts": {1: "one", None: "none"}, "when": dt.date(2027, 1, 15)}),
+    ],
+)
+def test_any_record_becomes_one_json_line(msg: str, extra: dict[str, Any]) -> None:
+    record = logging.makeLogRecord({"msg": msg, "levelname": "INFO", "name": "licensed.test", **extra})
+    line = licensed.JsonFormatter().format(record)
+    assert "\n" not in line
+    assert json.loads(line)["msg"] == msg
 
 
 def test_configured_secrets_are_masked_as_literals() -> None:
