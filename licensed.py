@@ -375,16 +375,24 @@ class JsonFormatter(logging.Formatter):
     def __init__(self, secrets: Sequence[str] = ()) -> None:
         super().__init__()
         self.redactor = redact.Redactor(secrets)
+        self._second = (-1, "")
         self._stamp = (-1, "")
 
     def timestamp(self, created: float) -> str:
-        """ISO 8601 with milliseconds; the part up to the second is computed once per second."""
-        seconds = int(created)
-        cached_at, text = self._stamp
-        if cached_at != seconds:
-            text = dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
-            self._stamp = (seconds, text)
-        return text + _MILLISECONDS[int((created - seconds) * 1000)]
+        """ISO 8601 with milliseconds, computed once per millisecond (the part up to
+        the second once per second)."""
+        milliseconds = int(created * 1000)
+        stamp = self._stamp
+        if stamp[0] == milliseconds:
+            return stamp[1]
+        seconds = milliseconds // 1000
+        second = self._second
+        if second[0] != seconds:
+            second = (seconds, dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+            self._second = second
+        text = second[1] + _MILLISECONDS[milliseconds - seconds * 1000]
+        self._stamp = (milliseconds, text)
+        return text
 
     def format(self, record: logging.LogRecord) -> str:
         standard = self._STANDARD
@@ -564,14 +572,39 @@ class AccessLog:
         self.logger = logger
         self.msg = msg
         self.handler: LineHandler | None = None
+        self.formatter = JsonFormatter()
+        """The bound handler's formatter."""
 
     def bind(self) -> bool:
         """Write straight to the root's LineHandler from now on, if it alone gets these lines."""
-        self.handler = self._sole_handler()
-        return self.handler is not None
+        self.handler = handler = self._sole_handler()
+        if handler is not None:
+            assert isinstance(handler.formatter, JsonFormatter)  # _sole_handler checked it
+            self.formatter = handler.formatter
+        return handler is not None
 
     def __call__(self, request_id: str, method: str, path: str, status: int, ms: float, remote: str) -> None:
-        fields = {
+        handler = self.handler
+        if handler is None:
+            fields = {
+                "request_id": request_id,
+                "method": method,
+                "path": path,
+                "status": status,
+                "ms": ms,
+                "remote": remote,
+            }
+            self.logger.info(self.msg, extra=fields)
+            return
+        if not self.logger.isEnabledFor(logging.INFO):
+            return
+        formatter = self.formatter
+        # What JsonFormatter.format makes of the record above, built in one step.
+        entry = {
+            "ts": formatter.timestamp(time.time()),
+            "level": "info",
+            "logger": self.logger.name,
+            "msg": self.msg,
             "request_id": request_id,
             "method": method,
             "path": path,
@@ -579,15 +612,6 @@ class AccessLog:
             "ms": ms,
             "remote": remote,
         }
-        handler = self.handler
-        if handler is None:
-            self.logger.info(self.msg, extra=fields)
-            return
-        if not self.logger.isEnabledFor(logging.INFO):
-            return
-        formatter = handler.formatter
-        assert isinstance(formatter, JsonFormatter)
-        entry = formatter.entry(time.time(), "info", self.logger.name, self.msg, fields)
         # The four strings are the only text (the caller's): when they hold nothing
         # to mask, the line skips the redaction walk.
         if not formatter.redactor.is_plain(f"{request_id}\n{method}\n{path}\n{remote}"):

@@ -147,6 +147,20 @@ def test_any_record_becomes_one_json_line(msg: str, extra: dict[str, Any]) -> No
     assert json.loads(line)["msg"] == msg
 
 
+def test_timestamps_have_milliseconds_and_follow_the_clock() -> None:
+    formatter = licensed.JsonFormatter()
+    moments = [
+        (1_800_000_000.0, "2027-01-15T08:00:00.000+00:00"),
+        (1_800_000_000.0004, "2027-01-15T08:00:00.000+00:00"),
+        (1_800_000_000.5, "2027-01-15T08:00:00.500+00:00"),
+        (1_800_000_000.999, "2027-01-15T08:00:00.999+00:00"),
+        (1_800_000_001.25, "2027-01-15T08:00:01.250+00:00"),
+        (1_799_999_999.001, "2027-01-15T07:59:59.001+00:00"),
+    ]
+    for created, expected in [*moments, *moments]:  # twice: the remembered stamps too
+        assert formatter.timestamp(created) == expected
+
+
 def test_configured_secrets_are_masked_as_literals() -> None:
     config = Config.from_mapping(
         {
