@@ -107,8 +107,8 @@ def remember_body(body: Any) -> None:
     if type(body) is not dict and not isinstance(body, Mapping):
         return
     values = [v for k, v in body.items() if type(v) is str and len(v) >= MIN_LITERAL and is_sensitive_name(k)]
-    # Longest first, as _longest_first orders them; a value given twice is only looked for twice.
-    _request_values.set(tuple(sorted(values, key=len, reverse=True)) if len(values) > 1 else tuple(values))
+    values.sort(key=len, reverse=True)  # as _longest_first; a value given twice is only looked for twice
+    _request_values.set(tuple(values))
 
 
 def config_secrets(config: Config) -> tuple[str, ...]:
