@@ -361,6 +361,8 @@ def _request_id(environ: dict[str, Any]) -> str:
 
 
 _MILLISECONDS = tuple(f".{n:03d}+00:00" for n in range(1000))
+_ENTRY_HEAD = frozenset({"ts", "level", "logger", "msg"})
+"""What :meth:`JsonFormatter.entry` puts before a record's own fields."""
 
 
 class JsonFormatter(logging.Formatter):
@@ -585,21 +587,10 @@ class AccessLog:
 
     def __call__(self, request_id: str, method: str, path: str, status: int, ms: float, remote: str) -> None:
         handler = self.handler
-        if handler is None:
-            fields = {
-                "request_id": request_id,
-                "method": method,
-                "path": path,
-                "status": status,
-                "ms": ms,
-                "remote": remote,
-            }
-            self.logger.info(self.msg, extra=fields)
-            return
-        if not self.logger.isEnabledFor(logging.INFO):
+        if handler is not None and not self.logger.isEnabledFor(logging.INFO):
             return
         formatter = self.formatter
-        # What JsonFormatter.format makes of the record above, built in one step.
+        # What JsonFormatter.format makes of the record below, built in one step.
         entry = {
             "ts": formatter.timestamp(time.time()),
             "level": "info",
@@ -612,6 +603,9 @@ class AccessLog:
             "ms": ms,
             "remote": remote,
         }
+        if handler is None:
+            self.logger.info(self.msg, extra={k: v for k, v in entry.items() if k not in _ENTRY_HEAD})
+            return
         # The four strings are the only text (the caller's): when they hold nothing
         # to mask, the line skips the redaction walk.
         if not formatter.redactor.is_plain(f"{request_id}\n{method}\n{path}\n{remote}"):

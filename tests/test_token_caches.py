@@ -15,15 +15,19 @@ from memo import BoundedCache
 from services import Services
 
 
-def test_a_remembered_key_needs_its_signer_in_the_ring(services: Services, tmp_path: Path) -> None:
-    lic = licensing.issue_license(
+def issue(services: Services, email: str) -> licensing.License:
+    return licensing.issue_license(
         services.store,
         services.ring,
         services.catalog.plans["pro-year"],
-        email="a@example.com",
+        email=email,
         now=services.now(),
         actor="test",
     )
+
+
+def test_a_remembered_key_needs_its_signer_in_the_ring(services: Services, tmp_path: Path) -> None:
+    lic = issue(services, "a@example.com")
     key = licensing.license_key(lic, services.catalog, services.ring, services.config.app_base_url)
     assert keys.parse_license_key(key, services.catalog, services.ring).claims["sub"] == lic.id
     assert keys.parse_license_key(key, services.catalog, services.ring).claims["sub"] == lic.id  # remembered
@@ -53,14 +57,7 @@ def test_the_memo_is_bounded() -> None:
 def test_a_remembered_validation_needs_its_signer_in_the_ring(services: Services) -> None:
     """A validation answered from memory is re-checked once the ring has changed: a key
     whose signer was taken out of the ring stops validating, remembered or not."""
-    lic = licensing.issue_license(
-        services.store,
-        services.ring,
-        services.catalog.plans["pro-year"],
-        email="b@example.com",
-        now=services.now(),
-        actor="test",
-    )
+    lic = issue(services, "b@example.com")
     layer = licensing.Licensing(services.store, services.ring, services.catalog, "http://test", 24)
     request = licensing.LicenseRequest(layer.key(lic), "machine-1")
     for _ in range(2):  # the second answer comes from memory
