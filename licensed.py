@@ -143,7 +143,6 @@ class App:
         self.config = services.config
         self.licensing = services.licensing
         self.limiter = ratelimit.RateLimiter(self.config.rate_limit_per_minute, services.clock)
-        self.rate_limited = self.limiter.enabled
         self.cors = cors.Cors(self.config.website_url)
         self.metrics = metrics.REGISTRY
         self.access_log = AccessLog(access_log)
@@ -220,9 +219,9 @@ class App:
         origin = environ.get("HTTP_ORIGIN")
         route: Route | None = None
         try:
-            if self.rate_limited and ratelimit.is_limited(path):
+            if self.limiter.enabled and ratelimit.is_limited(path):
                 self.limiter.check(client)
-            if method == "OPTIONS" and self.cors.is_preflight(method, path):
+            if self.cors.is_preflight(method, path):
                 response = self.cors.preflight(path, origin, self.router.methods(path))
             else:
                 route, params = self.router.match(method, path)
@@ -500,11 +499,8 @@ class LineHandler(logging.Handler):
     def emit_line(self, line: bytes) -> None:
         """An info line formatted and encoded elsewhere (by this handler's formatter):
         see :class:`AccessLog`."""
-        if self._flusher is not None:
-            self._queued.append(line)  # what _put does, one call fewer on the request path
-            return
         # Not ``contextlib.suppress``: on this per-request path, entering a context
-        # manager costs more than the write.
+        # manager costs more than queueing the line.
         try:  # noqa: SIM105
             self._put(line, logging.INFO)
         except OSError:

@@ -501,9 +501,9 @@ class Licensing:
         loaded = self._load(req)
         if not isinstance(loaded, Loaded):
             return {**loaded, "deactivated": False}
-        machine_hash = keys.machine_hash(req.machine_id)
+        assert loaded.machine_hash is not None  # a machine id was given
         with self.store.atomic():
-            removed = self.store.remove_machine(loaded.license.id, machine_hash)
+            removed = self.store.remove_machine(loaded.license.id, loaded.machine_hash)
         return {
             "valid": entitlement(loaded.license, now) in VALID_CODES,
             "code": DEACTIVATED if removed else MACHINE_NOT_ACTIVATED,

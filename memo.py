@@ -14,19 +14,18 @@ class BoundedCache:
 
     def __init__(self, size: int = 10_000) -> None:
         self.size = size
-        self.entries: dict[Any, Any] = {}
-        """The dict itself, for readers on a hot path (the same object for the cache's life)."""
+        self._data: dict[Any, Any] = {}
 
     def get(self, key: Any) -> Any:
-        return self.entries.get(key)
+        return self._data.get(key)
 
     def put(self, key: Any, value: Any) -> None:
-        if len(self.entries) >= self.size:
-            self.entries.clear()
-        self.entries[key] = value
+        if len(self._data) >= self.size:
+            self._data.clear()
+        self._data[key] = value
 
     def clear(self) -> None:
-        self.entries.clear()
+        self._data.clear()
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return len(self._data)

@@ -105,10 +105,7 @@ class Metrics:
         self, method: str, route: str | None, status: int, seconds: float, body: Any = None
     ) -> None:
         """Count one answered request; a license route's answer also counts its ``code``."""
-        try:
-            shard: _Shard = self._local.shard
-        except AttributeError:
-            shard = self._shard()
+        shard = self._shard()
         label = route or UNMATCHED
         code = body.get("code") if type(body) is dict else None
         key = (method, label, status, code if type(code) is str else None)

@@ -289,14 +289,13 @@ class RecentReads:
     def __init__(self, store: Store, size: int) -> None:
         self._store = store
         self._memo = BoundedCache(size)
-        self._entries = self._memo.entries  # read straight from the dict: one call fewer a validation
 
     def get(self, key: Any) -> Any:
         """The value put under ``key``, while still good; else None."""
         changes = self._store._changes
         if changes is None:
             return None
-        memo = self._entries.get(key)
+        memo = self._memo.get(key)
         if memo is not None and memo[0] == changes.read() and time.monotonic() < memo[1]:
             return memo[2]
         return None

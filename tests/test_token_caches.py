@@ -50,7 +50,7 @@ def test_the_memo_is_bounded() -> None:
     memo = BoundedCache(size=3)
     for number in range(10):
         memo.put(number, number)
-        assert len(memo.entries) <= 3
+        assert len(memo._data) <= 3
     assert memo.get(9) == 9
 
 
