@@ -286,7 +286,25 @@ def stats(services: Services, actor: str, now: int) -> dict[str, Any]:
             "by_status": dict(sorted(today.items())),
         },
         "outbox": dict(sorted(store.outbox_counts().items())),
+        "unmapped_purchases": unmapped_purchases(store),
     }
+
+
+def unmapped_purchases(store: Store) -> dict[str, Any]:
+    """Paid checkouts that made no licence because their price maps to no plan."""
+    count, newest = store.unmapped_purchases()
+    return {"count": count, "newest_events": newest}
+
+
+def unmapped_purchases_warning(store: Store) -> str | None:
+    """The one line /health shows while buyers have paid and got nothing."""
+    count, newest = store.unmapped_purchases(1)
+    if not count:
+        return None
+    return (
+        f"{count} paid checkout(s) map to no plan (newest {newest[0]}): add the price to the plans file,"
+        " then replay the events (GET /api/admin/events?status=ignored)"
+    )
 
 
 def audit_trail(

@@ -274,9 +274,11 @@ class App:
         now = self.services.now()
         store = self.services.store
         store.check_writable(now)
+        warnings = [w for w in (admin.unmapped_purchases_warning(store),) if w]
         return Response(
             {
                 "status": "ok",
+                "warnings": warnings,
                 "version": __version__,
                 "schema_version": self.services.store.schema_version(),
                 "time": licensing.iso(now),

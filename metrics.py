@@ -69,7 +69,7 @@ class _Histogram:
 class _Shard:
     """One thread's counters: only that thread writes them, so they need no lock."""
 
-    __slots__ = ("answered", "latency", "webhooks")
+    __slots__ = ("answered", "ignored", "latency", "webhooks")
 
     def __init__(self) -> None:
         self.answered: dict[Answered, int] = {}
@@ -79,6 +79,8 @@ class _Shard:
         self.latency: dict[str, _Histogram] = {}
         """By route label."""
         self.webhooks: dict[Labels, int] = {}
+        self.ignored: dict[Labels, int] = {}
+        """Stripe events that changed nothing, by reason."""
 
 
 class Metrics:
@@ -122,8 +124,11 @@ class Metrics:
                 shard.latency[label] = histogram
         histogram.observe(seconds)
 
-    def record_webhook(self, event_type: str, outcome: str) -> None:
-        _inc(self._shard().webhooks, (str(event_type)[:100], str(outcome)[:50]))
+    def record_webhook(self, event_type: str, outcome: str, reason: str | None = None) -> None:
+        shard = self._shard()
+        _inc(shard.webhooks, (str(event_type)[:100], str(outcome)[:50]))
+        if reason is not None:
+            _inc(shard.ignored, (str(reason)[:50],))
 
     def _totals(self) -> _Shard:
         """Every shard added up, as one shard. Copying a dict is one step for the
@@ -138,6 +143,8 @@ class Metrics:
                 total.answered[key] = total.answered.get(key, 0) + count
             for labels, count in dict(shard.webhooks).items():
                 _inc(total.webhooks, labels, count)
+            for labels, count in dict(shard.ignored).items():
+                _inc(total.ignored, labels, count)
             for route, histogram in dict(shard.latency).items():
                 merged = total.latency.get(route)
                 if merged is None:
@@ -200,6 +207,13 @@ class Metrics:
             out, "licensed_webhooks_total", "counter", "Stripe webhook deliveries by event type and outcome."
         )
         _samples(out, "licensed_webhooks_total", ("type", "outcome"), webhooks)
+        _family(
+            out,
+            "licensed_stripe_events_ignored_total",
+            "counter",
+            "Stripe events recorded without effect, by reason (no_plan: a paid purchase got no licence).",
+        )
+        _samples(out, "licensed_stripe_events_ignored_total", ("reason",), counted.ignored)
         _family(out, "licensed_process_start_time_seconds", "gauge", "When this process started (epoch).")
         out.append(_line("licensed_process_start_time_seconds", (), (), self.started_at))
         out.extend(_store_gauges(store, now))
@@ -315,9 +329,10 @@ REGISTRY = Metrics()
 """The process' metrics: one server per process, so one registry."""
 
 
-def record_webhook(event_type: str, outcome: str) -> None:
-    """Count one webhook delivery (``outcome`` e.g. applied, ignored, duplicate, failed, bad_signature)."""
-    REGISTRY.record_webhook(event_type, outcome)
+def record_webhook(event_type: str, outcome: str, reason: str | None = None) -> None:
+    """Count one webhook delivery (``outcome`` e.g. applied, ignored, duplicate, failed, bad_signature),
+    and why an ignored one changed nothing."""
+    REGISTRY.record_webhook(event_type, outcome, reason)
 
 
 def routes(services: Services, registry: Metrics = REGISTRY) -> list[Route]:

@@ -194,6 +194,21 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         );
         """,
     ),
+    (
+        "entitlement follows money",
+        # The subscription's current period is remembered apart from paid_through:
+        # a period is paid for only once an invoice (or the checkout) pays it.
+        # An event that changes nothing keeps the reason; a payment keeps its amount,
+        # so that a refund can be judged full or partial.
+        """
+        ALTER TABLE licenses ADD COLUMN period_start INTEGER;
+        ALTER TABLE licenses ADD COLUMN period_end INTEGER;
+        ALTER TABLE stripe_events ADD COLUMN reason TEXT;
+        CREATE INDEX stripe_events_reason ON stripe_events (reason, status, received_at);
+        ALTER TABLE payments ADD COLUMN amount INTEGER;
+        ALTER TABLE customers ADD COLUMN stripe_version TEXT NOT NULL DEFAULT '';
+        """,
+    ),
 )
 
 
@@ -236,6 +251,9 @@ class License:
     key_iat: int
     created_at: int
     updated_at: int
+    period_start: int | None = None
+    """The subscription's current period as Stripe last said (not necessarily paid)."""
+    period_end: int | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> License:
@@ -809,6 +827,11 @@ class Store:
     def get_mail(self, outbox_id: int) -> sqlite3.Row | None:
         return self.one("SELECT * FROM outbox WHERE id = ?", (outbox_id,))
 
+    def has_mail(self, license_id: str, kind: str) -> bool:
+        """Whether a message of ``kind`` was ever queued for the licence."""
+        row = self.one("SELECT 1 FROM outbox WHERE license_id = ? AND kind = ? LIMIT 1", (license_id, kind))
+        return row is not None
+
     def mail_for_license(self, license_id: str) -> list[sqlite3.Row]:
         return self.all("SELECT * FROM outbox WHERE license_id = ? ORDER BY id", (license_id,))
 
@@ -930,7 +953,9 @@ class Store:
             (license_id,),
         )
 
-    _EVENT_COLUMNS = "id, type, created, status, attempts, error, license_id, received_at, processed_at"
+    _EVENT_COLUMNS = (
+        "id, type, created, status, attempts, error, reason, license_id, received_at, processed_at"
+    )
 
     def stripe_events_for_license(self, license_id: str) -> list[sqlite3.Row]:
         return self.all(
@@ -963,6 +988,17 @@ class Store:
             " AND (?3 IS NULL OR id < ?3) ORDER BY id DESC LIMIT ?4",
             (license_id, actor, before_id, limit),
         )
+
+    def unmapped_purchases(self, limit: int = 5) -> tuple[int, list[str]]:
+        """Paid checkouts whose price maps to no plan and that no replay has fixed:
+        how many, and the newest event ids."""
+        where = (
+            "FROM stripe_events WHERE reason = 'no_plan' AND status = 'ignored'"
+            " AND type LIKE 'checkout.session.%'"
+        )
+        row = self.one(f"SELECT COUNT(*) {where}")
+        rows = self.all(f"SELECT id {where} ORDER BY created DESC, id LIMIT ?", (limit,))
+        return (int(row[0]) if row else 0), [str(r[0]) for r in rows]
 
     def event_counts_since(self, since: int) -> dict[str, int]:
         rows = self.all(

@@ -15,6 +15,7 @@ so a slow Stripe never holds the database lock.
 
 from __future__ import annotations
 
+import enum
 import fcntl
 import hashlib
 import hmac
@@ -59,6 +60,10 @@ STRIPE_RETRIES = 2
 ALIVE = frozenset({"active", "trialing", "past_due"})
 TERMINAL = frozenset({"canceled", "incomplete_expired"})
 """Subscription states Stripe never leaves: final here too."""
+NOT_STARTED = frozenset({"incomplete", "incomplete_expired"})
+"""Subscription states whose first payment was never made."""
+MAX_MACHINES = 10_000
+"""The most seats a licence can have, whatever the plan and quantity say."""
 
 DISPUTE_CLOSED = frozenset({"won", "lost", "warning_closed", "charge_refunded", "prevented"})
 
@@ -70,10 +75,13 @@ HANDLED_EVENTS = (
     "customer.subscription.deleted",
     "customer.subscription.paused",
     "customer.subscription.resumed",
+    "customer.updated",
     "invoice.paid",
     "invoice.payment_succeeded",
     "invoice.payment_failed",
     "charge.refunded",
+    "refund.created",
+    "refund.updated",
     "charge.dispute.created",
     "charge.dispute.updated",
     "charge.dispute.closed",
@@ -208,7 +216,7 @@ class StripeGateway:
         return self.request("post", path, **params)
 
     def list_all(
-        self, path: str, limit: int = 100, max_pages: int = 1000, **params: Any
+        self, path: str, *, limit: int = 100, max_pages: int = 1000, **params: Any
     ) -> Iterator[dict[str, Any]]:
         """Every object of a list endpoint, page by page (bounded)."""
         after: str | None = None
@@ -236,16 +244,19 @@ def _id_of(value: Any) -> str | None:
 # --- payload readers (both Stripe API shapes) ------------------------------------------------
 
 
+def subscription_period(sub: dict[str, Any]) -> tuple[int | None, int | None]:
+    """The current period, ``(start, end)``: top-level fields (older API) or the items' (current API)."""
+    start, end = sub.get("current_period_start"), sub.get("current_period_end")
+    if isinstance(end, int):
+        return (int(start) if isinstance(start, int) else None), int(end)
+    items = (sub.get("items") or {}).get("data") or []
+    starts = [i["current_period_start"] for i in items if isinstance(i.get("current_period_start"), int)]
+    ends = [i["current_period_end"] for i in items if isinstance(i.get("current_period_end"), int)]
+    return (min(starts) if starts else None), (max(ends) if ends else None)
+
+
 def subscription_period_end(sub: dict[str, Any]) -> int | None:
-    """Top-level ``current_period_end`` (older API) or the items' (current API)."""
-    if isinstance(sub.get("current_period_end"), int):
-        return int(sub["current_period_end"])
-    ends = [
-        item["current_period_end"]
-        for item in (sub.get("items") or {}).get("data") or []
-        if isinstance(item.get("current_period_end"), int)
-    ]
-    return max(ends) if ends else None
+    return subscription_period(sub)[1]
 
 
 def subscription_price(sub: dict[str, Any]) -> dict[str, Any]:
@@ -274,13 +285,18 @@ def invoice_subscription(inv: dict[str, Any]) -> str | None:
 
 
 def invoice_period_end(inv: dict[str, Any]) -> int | None:
-    """The end of the period an invoice pays for: its subscription lines' latest end."""
+    """The end of the period an invoice pays for: its lines' latest end."""
     ends = []
     for line in (inv.get("lines") or {}).get("data") or []:
         period = line.get("period") or {}
         if isinstance(period.get("end"), int):
             ends.append(int(period["end"]))
     return max(ends) if ends else None
+
+
+def invoice_is_paid(inv: dict[str, Any]) -> bool:
+    """``status: paid`` (current API), or the older boolean ``paid``."""
+    return inv.get("status") == "paid" or inv.get("paid") is True
 
 
 def invoice_payment_ids(inv: dict[str, Any]) -> list[str]:
@@ -292,6 +308,10 @@ def invoice_payment_ids(inv: dict[str, Any]) -> list[str]:
     return [f for f in found if f]
 
 
+def _amount(value: Any) -> int | None:
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _version(event: dict[str, Any]) -> str:
     """Orders events: ``created`` first, the id breaking ties deterministically."""
     return f"{int(event['created']):012d}:{event['id']}"
@@ -300,11 +320,77 @@ def _version(event: dict[str, Any]) -> str:
 # --- the event processor ------------------------------------------------------------------------
 
 
-@dataclass
+class Effect(enum.Enum):
+    """What applying an event did."""
+
+    CHANGED = "changed"
+    UNCHANGED = "unchanged"
+    """Applied, and the licence already said what the event says (an older or repeated state)."""
+    IGNORED = "ignored"
+    """Recorded with a :class:`Reason`: nothing in it concerns a licence."""
+    DUPLICATE = "duplicate"
+
+
+class Reason(enum.StrEnum):
+    """Why an event changed nothing: stored with the event, logged, counted in ``/metrics``."""
+
+    UNHANDLED_TYPE = "unhandled_type"
+    NO_PLAN = "no_plan"
+    PAYMENT_NOT_COMPLETE = "payment_not_complete"
+    SUBSCRIPTION_NOT_PAID = "subscription_not_paid"
+    NOT_A_SUBSCRIPTION_INVOICE = "not_a_subscription_invoice"
+    UNKNOWN_SUBSCRIPTION = "unknown_subscription"
+    UNKNOWN_CUSTOMER = "unknown_customer"
+    UNKNOWN_PAYMENT = "unknown_payment"
+    INVALID_EMAIL = "invalid_email"
+    PARTIAL_REFUND = "partial_refund"
+    REFUND_NOT_SUCCEEDED = "refund_not_succeeded"
+    REFUND_AMOUNT_UNKNOWN = "refund_amount_unknown"
+
+
+REASON_TEXT = {
+    Reason.UNHANDLED_TYPE: "this event type does not concern licences",
+    Reason.NO_PLAN: "the price bought maps to no plan (plans file, or metadata license_plan)",
+    Reason.PAYMENT_NOT_COMPLETE: "the checkout is not paid yet",
+    Reason.SUBSCRIPTION_NOT_PAID: "the subscription's first payment is not made",
+    Reason.NOT_A_SUBSCRIPTION_INVOICE: "the invoice belongs to no subscription",
+    Reason.UNKNOWN_SUBSCRIPTION: "the subscription has no licence (not for a licensed plan)",
+    Reason.UNKNOWN_CUSTOMER: "no licence belongs to this Stripe customer",
+    Reason.UNKNOWN_PAYMENT: "the payment paid for no licence",
+    Reason.INVALID_EMAIL: "the customer's new e-mail address cannot be used",
+    Reason.PARTIAL_REFUND: "a partial refund keeps the licence",
+    Reason.REFUND_NOT_SUCCEEDED: "the refund has not succeeded",
+    Reason.REFUND_AMOUNT_UNKNOWN: "the refunded payment's amount is unknown",
+}
+
+
+@dataclass(frozen=True)
 class Outcome:
-    status: str  # applied | ignored | duplicate
+    effect: Effect
     license_id: str | None = None
-    detail: str = ""
+    reason: Reason | None = None
+    subject: str | None = None
+    """What the reason is about: the price, customer, subscription or payment id."""
+
+    @property
+    def status(self) -> str:
+        """What ``stripe_events.status`` records: ``applied``, ``ignored`` (or ``duplicate``)."""
+        if self.effect is Effect.IGNORED:
+            return "ignored"
+        if self.effect is Effect.DUPLICATE:
+            return "duplicate"
+        return "applied"
+
+    @property
+    def detail(self) -> str:
+        if self.reason is not None:
+            text = REASON_TEXT[self.reason]
+            return f"{text}: {self.subject}" if self.subject else text
+        return self.effect.value
+
+
+def _ignored(reason: Reason, subject: str | None = None) -> Outcome:
+    return Outcome(Effect.IGNORED, reason=reason, subject=subject)
 
 
 @dataclass
@@ -315,11 +401,22 @@ class Prepared:
     customer: dict[str, Any] | None = None
     plan: Plan | None = None
     license_id: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    prices: list[str] = field(default_factory=list)
+    """The prices looked at for a plan (named when none maps)."""
+    refund_full: bool | None = None
+    """For a refund: whether the payment is now refunded in full (None: unknown)."""
 
 
 class EventProcessor:
-    """Applies verified Stripe events to the store: the webhook and the reconciler share it."""
+    """Applies verified Stripe events to the store: the webhook and the reconciler share it.
+
+    Entitlement follows money: ``paid_through`` moves forward only when a
+    period is paid (a paid invoice, $0 included; the first payment of a
+    checkout; a trial's end). Subscription events carry status, plan, seats,
+    the cancel flag and the current period, which is remembered but not
+    counted as paid: at renewal Stripe advances the period about an hour
+    before it even tries the charge.
+    """
 
     def __init__(self, services: Services, gateway: StripeGateway | None) -> None:
         self.services = services
@@ -332,19 +429,17 @@ class EventProcessor:
         """Apply ``event`` exactly once; on failure record it and raise WebhookFailed."""
         event_id = event["id"]
         if self._done(event_id):
-            return Outcome("duplicate")
+            return Outcome(Effect.DUPLICATE)
         handler = self._handlers().get(event["type"])
         try:
             prepared = self._prepare(event) if handler else Prepared()
             with self.store.atomic():
                 if self._done(event_id):
-                    return Outcome("duplicate")
-                if handler is None:
-                    outcome = Outcome("ignored", detail="event type not handled")
-                else:
-                    outcome = handler(event, prepared, now)
-                self._record(event, outcome.status, outcome.license_id, None, now)
-            return outcome
+                    return Outcome(Effect.DUPLICATE)
+                outcome = (
+                    _ignored(Reason.UNHANDLED_TYPE) if handler is None else handler(event, prepared, now)
+                )
+                self._record(event, outcome, None, now)
         except Exception as err:
             message = err.message if isinstance(err, LicensedError) else f"{type(err).__name__}: {err}"
             log.warning(
@@ -352,10 +447,13 @@ class EventProcessor:
             )
             try:
                 with self.store.atomic():
-                    self._record(event, "failed", None, message, now)
+                    self._record(event, None, message, now)
             except LicensedError:
                 log.error("could not record failed event", extra={"event_id": event_id})
             raise WebhookFailed(f"event {event_id} failed: {message}") from err
+        if outcome.reason is not None:
+            _log_ignored(event, outcome)
+        return outcome
 
     def replay(self, event_id: str, now: int) -> Outcome:
         """Apply a recorded event again: fetched afresh from Stripe when it is configured."""
@@ -372,18 +470,25 @@ class EventProcessor:
         return self.process(event, now)
 
     def repair_subscription(self, sub: dict[str, Any], now: int) -> Outcome:
-        """Make the licence match a subscription as Stripe has it now."""
+        """Make the licence match a subscription as Stripe has it now.
+
+        With ``latest_invoice`` expanded, the current period counts as paid only
+        when that invoice is paid; an unpaid one for the current period takes
+        ``paid_through`` back to the period's start (which repairs licences
+        extended by subscription events alone).
+        """
         prepared = Prepared(plan=self._plan_for_subscription(sub))
         if not self.store.find_license("stripe_subscription_id", sub["id"]):
             prepared.customer = self._customer(sub.get("customer"))
         with self.store.atomic():
-            return self._snapshot(sub, prepared, _as_of(now), now)
+            return self._snapshot(sub, prepared, _as_of(now), now, repair=True)
 
     def repair_checkout(self, session: dict[str, Any], now: int) -> Outcome:
         """Create the licence of a completed one-time checkout if it is missing."""
         if self.store.find_license("stripe_checkout_session_id", session["id"]):
-            return Outcome("applied", detail="no change")
-        prepared = Prepared(plan=self._plan_for_session(session, None))
+            return Outcome(Effect.UNCHANGED)
+        prepared = Prepared()
+        prepared.plan = self._plan_for_session(session, None, prepared)
         event = dict(_as_of(int(session.get("created") or now)), data={"object": session})
         with self.store.atomic():
             return self._checkout_completed(event, prepared, now)
@@ -392,27 +497,31 @@ class EventProcessor:
         row = self.store.one("SELECT status FROM stripe_events WHERE id = ?", (event_id,))
         return row is not None and row[0] in ("applied", "ignored")
 
-    def _record(
-        self, event: dict[str, Any], status: str, license_id: str | None, error: str | None, now: int
-    ) -> None:
+    def _record(self, event: dict[str, Any], outcome: Outcome | None, error: str | None, now: int) -> None:
+        """Record the event with its outcome (None: it failed, with ``error``)."""
         self.store.execute(
-            "INSERT INTO stripe_events (id, type, created, status, attempts, error, license_id, payload,"
-            " received_at, processed_at) VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?)"
+            "INSERT INTO stripe_events (id, type, created, status, attempts, error, reason, license_id,"
+            " payload, received_at, processed_at) VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (id) DO UPDATE SET status = excluded.status, attempts = attempts + 1,"
-            " error = excluded.error, license_id = COALESCE(excluded.license_id, license_id),"
-            " processed_at = excluded.processed_at",
+            " error = excluded.error, reason = excluded.reason,"
+            " license_id = COALESCE(excluded.license_id, license_id), processed_at = excluded.processed_at",
             (
                 event["id"],
                 event["type"],
                 int(event["created"]),
-                status,
+                "failed" if outcome is None else outcome.status,
                 error,
-                license_id,
+                None if outcome is None or outcome.reason is None else outcome.detail,
+                None if outcome is None else outcome.license_id,
                 json.dumps(event, separators=(",", ":")),
                 now,
                 now,
             ),
         )
+        if outcome is not None and outcome.reason is not None:
+            self.store.execute(
+                "UPDATE stripe_events SET reason = ? WHERE id = ?", (outcome.reason.value, event["id"])
+            )
 
     def _handlers(self) -> dict[str, Callable[[dict[str, Any], Prepared, int], Outcome]]:
         return {
@@ -423,10 +532,13 @@ class EventProcessor:
             "customer.subscription.deleted": self._subscription_snapshot,
             "customer.subscription.paused": self._subscription_snapshot,
             "customer.subscription.resumed": self._subscription_snapshot,
+            "customer.updated": self._customer_updated,
             "invoice.paid": self._invoice_paid,
             "invoice.payment_succeeded": self._invoice_paid,
             "invoice.payment_failed": self._invoice_failed,
-            "charge.refunded": self._charge_refunded,
+            "charge.refunded": self._refunded,
+            "refund.created": self._refunded,
+            "refund.updated": self._refunded,
             "charge.dispute.created": self._dispute,
             "charge.dispute.updated": self._dispute,
             "charge.dispute.closed": self._dispute,
@@ -451,9 +563,9 @@ class EventProcessor:
                     prepared.subscription = sub or self._need_gateway("read the subscription").get(
                         f"/v1/subscriptions/{sub_id}"
                     )
-            prepared.plan = self._plan_for_session(obj, prepared.subscription)
+            prepared.plan = self._plan_for_session(obj, prepared.subscription, prepared)
         elif kind.startswith("customer.subscription."):
-            prepared.plan = self._plan_for_subscription(obj)
+            prepared.plan = self._plan_for_subscription(obj, prepared)
             if not self.store.find_license("stripe_subscription_id", obj["id"]):
                 prepared.customer = self._customer(obj.get("customer"))
         elif kind.startswith("invoice."):
@@ -462,13 +574,41 @@ class EventProcessor:
                 # The subscription's own events have not arrived: learn it from Stripe.
                 sub = self._need_gateway("read the invoice's subscription").get(f"/v1/subscriptions/{sub_id}")
                 prepared.subscription = sub
-                prepared.plan = self._plan_for_subscription(sub)
+                prepared.plan = self._plan_for_subscription(sub, prepared)
                 prepared.customer = self._customer(sub.get("customer"))
         elif kind == "charge.refunded" or kind.startswith("charge.dispute."):
             charge_id = obj["id"] if kind == "charge.refunded" else _id_of(obj.get("charge"))
             payment_intent = _id_of(obj.get("payment_intent"))
             prepared.license_id = self._license_for_payment(charge_id, payment_intent, obj)
+            if kind == "charge.refunded":
+                prepared.refund_full = _charge_refunded_in_full(obj)
+        elif kind.startswith("refund."):
+            charge_id, payment_intent = _id_of(obj.get("charge")), _id_of(obj.get("payment_intent"))
+            prepared.license_id = self._license_for_payment(charge_id, payment_intent, {})
+            if prepared.license_id is not None and obj.get("status") == "succeeded":
+                prepared.refund_full = self._refund_is_full(obj, charge_id, payment_intent)
         return prepared
+
+    def _refund_is_full(
+        self, refund: dict[str, Any], charge_id: str | None, payment_intent: str | None
+    ) -> bool | None:
+        """Whether the payment a refund belongs to is now refunded in full.
+
+        Stripe's charge says so (``amount_refunded``); without Stripe, the amount
+        recorded when the payment arrived is compared with the refund's.
+        """
+        if charge_id and self.gateway is not None:
+            try:
+                return _charge_refunded_in_full(self.gateway.get(f"/v1/charges/{charge_id}"))
+            except NotFound:
+                pass
+        refunded = _amount(refund.get("amount"))
+        for ref in (charge_id, payment_intent):
+            if ref and refunded is not None:
+                row = self.store.one("SELECT amount FROM payments WHERE ref = ?", (ref,))
+                if row is not None and row[0] is not None:
+                    return refunded >= int(row[0])
+        return None
 
     def _customer(self, value: Any) -> dict[str, Any] | None:
         if isinstance(value, dict):
@@ -481,11 +621,13 @@ class EventProcessor:
         except NotFound:
             return {"id": customer_id}
 
-    def _plan_for_price(self, price: dict[str, Any]) -> Plan | None:
+    def _plan_for_price(self, price: dict[str, Any], prepared: Prepared | None = None) -> Plan | None:
         """Plans file by price id, else ``license_plan`` in price or product metadata."""
         catalog = self.services.catalog
         price_id = _id_of(price)
         if price_id:
+            if prepared is not None:
+                prepared.prices.append(price_id)
             plan = catalog.plan_for_price(price_id)
             if plan:
                 return plan
@@ -502,19 +644,21 @@ class EventProcessor:
                 named = None
         return catalog.plans.get(named) if named else None
 
-    def _plan_for_subscription(self, sub: dict[str, Any]) -> Plan | None:
-        plan = self._plan_for_price(subscription_price(sub))
+    def _plan_for_subscription(self, sub: dict[str, Any], prepared: Prepared | None = None) -> Plan | None:
+        plan = self._plan_for_price(subscription_price(sub), prepared)
         if plan is None:
             named = (sub.get("metadata") or {}).get("plan")
             plan = self.services.catalog.plans.get(named) if named else None
         return plan
 
-    def _plan_for_session(self, session: dict[str, Any], sub: dict[str, Any] | None) -> Plan | None:
+    def _plan_for_session(
+        self, session: dict[str, Any], sub: dict[str, Any] | None, prepared: Prepared
+    ) -> Plan | None:
         named = (session.get("metadata") or {}).get("plan")
         if named and named in self.services.catalog.plans:
             return self.services.catalog.plans[named]
         if sub is not None:
-            plan = self._plan_for_subscription(sub)
+            plan = self._plan_for_subscription(sub, prepared)
             if plan:
                 return plan
         if self.gateway is None:
@@ -523,7 +667,7 @@ class EventProcessor:
             f"/v1/checkout/sessions/{session['id']}/line_items", **{"expand[]": "data.price.product"}
         )
         for item in items.get("data") or []:
-            plan = self._plan_for_price(item.get("price") or {})
+            plan = self._plan_for_price(item.get("price") or {}, prepared)
             if plan:
                 return plan
         return None
@@ -588,22 +732,33 @@ class EventProcessor:
             plan=plan, customer_id=customer_id, ring=self.services.ring, now=now, source="stripe"
         )
 
-    def _mail_key(self, lic: License, email: str | None, name: str | None, now: int) -> None:
-        """Queue the key mail; an address Stripe holds that we cannot send to is logged, not fatal."""
-        if not email:
+    def _mail_key_once(self, lic: License, now: int) -> None:
+        """Queue the key mail the first time a licence is entitled and its buyer's address known.
+
+        A purchase reaches that point by one of several events (checkout, first
+        invoice, trial), in any order; the outbox remembers that the key went out.
+        """
+        if licensing.entitlement(lic, now) not in licensing.VALID_CODES:
+            return
+        if self.store.has_mail(lic.id, mailer.KIND_LICENSE_KEY):
+            return
+        customer = self.store.get_customer(lic.customer_id)
+        if customer is None or not customer["email"]:
             return
         try:
-            mailer.queue_mail(self.store, lic.id, "license_key", email, name, now)
+            mailer.queue_mail(
+                self.store, lic.id, mailer.KIND_LICENSE_KEY, customer["email"], customer["name"], now
+            )
         except InvalidEmail as err:
             log.warning("license key not mailed", extra={"license_id": lic.id, "error": err.message})
 
     def _checkout_completed(self, event: dict[str, Any], prepared: Prepared, now: int) -> Outcome:
         session = event["data"]["object"]
         if session.get("payment_status") not in ("paid", "no_payment_required"):
-            return Outcome("ignored", detail="payment not complete yet")
+            return _ignored(Reason.PAYMENT_NOT_COMPLETE, str(session.get("payment_status")))
         plan = prepared.plan
         if plan is None:
-            return Outcome("ignored", detail="no plan for what was bought")
+            return _ignored(Reason.NO_PLAN, ", ".join(prepared.prices) or "no price found")
         details = session.get("customer_details") or {}
         email = details.get("email") or session.get("customer_email")
         name = details.get("name")
@@ -614,8 +769,12 @@ class EventProcessor:
             existing = self.store.find_license("stripe_subscription_id", sub_id)
         if existing is not None:
             before = licensing.license_view(existing, 0)
+            claims_before = licensing.key_claims(existing, "")
             existing.stripe_checkout_session_id = existing.stripe_checkout_session_id or session["id"]
             self._link_customer(existing.customer_id, email, name, oidc_sub, now)
+            if session.get("mode") == "subscription":
+                self._first_period_paid(existing, prepared.subscription, event)
+            self._restamp_if_changed(existing, claims_before, now)
             self.store.save_license(existing, now)
             self.store.audit(
                 now,
@@ -625,7 +784,8 @@ class EventProcessor:
                 before,
                 licensing.license_view(existing, 0),
             )
-            return Outcome("applied", existing.id, "checkout linked to existing licence")
+            self._mail_key_once(existing, now)
+            return Outcome(Effect.CHANGED, existing.id)
         customer = session.get("customer")
         lic = self._new_license(plan, customer if customer else None, email, name, now)
         lic.stripe_checkout_session_id = session["id"]
@@ -635,18 +795,30 @@ class EventProcessor:
             lic.stripe_subscription_id = sub_id
             sub = prepared.subscription or {}
             self._apply_snapshot(lic, sub, plan, event, now, created=True)
+            self._first_period_paid(lic, sub, event)
         else:
             lic.stripe_payment_intent_id = _id_of(session.get("payment_intent"))
             if plan.duration_days and not plan.lifetime:
                 lic.paid_through = int(event["created"]) + plan.duration_days * 86400
         self.store.insert_license(lic)
         if lic.stripe_payment_intent_id:
-            self._remember_payment(lic.stripe_payment_intent_id, lic.id)
+            self._remember_payment(lic.stripe_payment_intent_id, lic.id, _amount(session.get("amount_total")))
         if oidc_sub:
             self._link_customer(lic.customer_id, None, None, oidc_sub, now)
         self.store.audit(now, "stripe", "license.create", lic.id, None, licensing.license_view(lic, 0))
-        self._mail_key(lic, email, name, now)
-        return Outcome("applied", lic.id, "licence created")
+        self._mail_key_once(lic, now)
+        return Outcome(Effect.CHANGED, lic.id)
+
+    def _first_period_paid(self, lic: License, sub: dict[str, Any] | None, event: dict[str, Any]) -> None:
+        """A paid checkout paid the subscription's first period: the one current when it completed.
+
+        The period comes from the subscription Stripe sent (or fetched), else from
+        the one the licence remembers; a later period (the checkout's event came
+        late) is left to its own invoice.
+        """
+        start, end = subscription_period(sub) if sub else (lic.period_start, lic.period_end)
+        if start is not None and end is not None and start <= int(event["created"]):
+            self._extend(lic, end)
 
     def _link_customer(
         self, customer_id: str, email: str | None, name: str | None, oidc_sub: str | None, now: int
@@ -664,24 +836,33 @@ class EventProcessor:
                     "checkout's sign-in is linked to another customer", extra={"customer": customer_id}
                 )
 
-    def _remember_payment(self, ref: str, license_id: str) -> None:
+    def _remember_payment(self, ref: str, license_id: str, amount: int | None) -> None:
         self.store.execute(
-            "INSERT INTO payments (ref, license_id) VALUES (?, ?) ON CONFLICT (ref) DO NOTHING",
-            (ref, license_id),
+            "INSERT INTO payments (ref, license_id, amount) VALUES (?, ?, ?)"
+            " ON CONFLICT (ref) DO UPDATE SET amount = COALESCE(payments.amount, excluded.amount)",
+            (ref, license_id, amount),
         )
 
     def _subscription_snapshot(self, event: dict[str, Any], prepared: Prepared, now: int) -> Outcome:
         sub = event["data"]["object"]
         return self._snapshot(sub, prepared, event, now)
 
-    def _snapshot(self, sub: dict[str, Any], prepared: Prepared, event: dict[str, Any], now: int) -> Outcome:
+    def _snapshot(
+        self,
+        sub: dict[str, Any],
+        prepared: Prepared,
+        event: dict[str, Any],
+        now: int,
+        *,
+        repair: bool = False,
+    ) -> Outcome:
         lic = self.store.find_license("stripe_subscription_id", sub["id"])
         plan = prepared.plan
         if lic is None:
             if plan is None:
-                return Outcome("ignored", detail="subscription is not for a licensed plan")
+                return _ignored(Reason.NO_PLAN, ", ".join(prepared.prices) or sub["id"])
             if sub.get("status") in ("incomplete", "incomplete_expired"):
-                return Outcome("ignored", detail="subscription not paid yet")
+                return _ignored(Reason.SUBSCRIPTION_NOT_PAID, sub["id"])
             customer = prepared.customer or (
                 {"id": _id_of(sub.get("customer"))} if sub.get("customer") else None
             )
@@ -691,18 +872,30 @@ class EventProcessor:
             lic.stripe_subscription_id = sub["id"]
             lic.stripe_customer_id = _id_of(sub.get("customer"))
             self._apply_snapshot(lic, sub, plan, event, now, created=True)
+            if repair:
+                self._paid_by_latest_invoice(lic, sub)
             self.store.insert_license(lic)
             self.store.audit(now, "stripe", "license.create", lic.id, None, licensing.license_view(lic, 0))
-            if licensing.entitlement(lic, now) in licensing.VALID_CODES:
-                self._mail_key(lic, email, name, now)
-            return Outcome("applied", lic.id, "licence created")
+            self._mail_key_once(lic, now)
+            return Outcome(Effect.CHANGED, lic.id)
         before = licensing.license_view(lic, 0)
+        state_before = _money_state(lic)
+        versions_before = (lic.snapshot_version, lic.status_version)
+        claims_before = licensing.key_claims(lic, "")
         changed = self._apply_snapshot(lic, sub, plan, event, now, created=False)
+        if repair:
+            self._paid_by_latest_invoice(lic, sub)
+            changed = self._restamp_if_changed(lic, claims_before, now) or changed
+            changed = changed or state_before != _money_state(lic)
         if not changed:
-            return Outcome("applied", lic.id, "no change (older or same state)")
+            if versions_before != (lic.snapshot_version, lic.status_version):
+                # Same state, newer event: remember its version, or an older event could win later.
+                self.store.save_license(lic, now)
+            return Outcome(Effect.UNCHANGED, lic.id)
         self.store.save_license(lic, now)
         self.store.audit(now, "stripe", "license.update", lic.id, before, licensing.license_view(lic, 0))
-        return Outcome("applied", lic.id, "licence updated")
+        self._mail_key_once(lic, now)
+        return Outcome(Effect.CHANGED, lic.id)
 
     def _apply_snapshot(
         self,
@@ -714,40 +907,61 @@ class EventProcessor:
         *,
         created: bool,
     ) -> bool:
-        """Merge a subscription snapshot into the licence; True if anything changed."""
+        """Merge a subscription snapshot into the licence; True if anything changed.
+
+        Never moves ``paid_through`` forward, except to a trial's end.
+        """
         version = _version(event)
         claims_before = licensing.key_claims(lic, "")
-        state_before = (lic.subscription_status, lic.paid_through, lic.cancel_at_period_end, lic.plan)
+        state_before = _money_state(lic)
         status = sub.get("status")
         if isinstance(status, str):
             self._set_status(lic, status, version)
         if version > lic.snapshot_version:
             lic.snapshot_version = version
             lic.cancel_at_period_end = bool(sub.get("cancel_at_period_end"))
+            lic.period_start, lic.period_end = subscription_period(sub)
             if plan is not None:
                 quantity = subscription_quantity(sub)
                 lic.plan = plan.id
                 lic.tier = plan.tier
                 lic.features = list(plan.features)
                 lic.grace_days = plan.grace_days
-                lic.max_machines = plan.max_machines * quantity
+                lic.max_machines = min(MAX_MACHINES, plan.max_machines * quantity)
                 lic.stripe_price_id = _id_of(subscription_price(sub)) or lic.stripe_price_id
-        period_end = subscription_period_end(sub)
-        if period_end is not None and status in ("active", "trialing"):
-            self._extend(lic, period_end)
+        trial_end = sub.get("trial_end")
+        if isinstance(trial_end, int) and status not in TERMINAL and status not in NOT_STARTED:
+            self._extend(lic, trial_end)  # a trial is a period the vendor gives
         if status in TERMINAL:
-            ended = sub.get("ended_at") or sub.get("canceled_at") or int(event["created"])
-            lic.paid_through = int(ended)
-            lic.ended_at = int(ended)
+            self._end(lic, int(sub.get("ended_at") or sub.get("canceled_at") or event["created"]))
         if created:
             return True
         claims_changed = self._restamp_if_changed(lic, claims_before, now)
-        return claims_changed or state_before != (
-            lic.subscription_status,
-            lic.paid_through,
-            lic.cancel_at_period_end,
-            lic.plan,
-        )
+        return claims_changed or state_before != _money_state(lic)
+
+    def _paid_by_latest_invoice(self, lic: License, sub: dict[str, Any]) -> None:
+        """The reconciler's rule: the current period counts once its latest invoice is paid.
+
+        Needs ``latest_invoice`` expanded (the list call asks for it); an id alone
+        says nothing and changes nothing.
+        """
+        inv = sub.get("latest_invoice")
+        if not isinstance(inv, dict):
+            return
+        start, end = subscription_period(sub)
+        if invoice_is_paid(inv):
+            paid_end = invoice_period_end(inv) or end
+            if paid_end is not None:
+                self._extend(lic, paid_end)
+        elif (
+            inv.get("status") in ("draft", "open", "uncollectible")
+            and inv.get("billing_reason") in ("subscription_cycle", "subscription_create")
+            and start is not None
+            and lic.ended_at is None
+            and lic.paid_through is not None
+            and lic.paid_through > start
+        ):
+            lic.paid_through = start  # the current period is not paid: the last paid one ended at its start
 
     def _restamp_if_changed(self, lic: License, claims_before: dict[str, Any], now: int) -> bool:
         """Re-issue the key when a claim changed, so the client is handed the new one."""
@@ -765,79 +979,129 @@ class EventProcessor:
             lic.status_version = max(version, lic.status_version)
 
     def _extend(self, lic: License, period_end: int) -> None:
-        """Paid-through only grows, and never past the end of an ended subscription."""
+        """A period was paid up to ``period_end``: paid-through only grows, and never
+        past the end of an ended subscription (so any order of events agrees)."""
         if lic.ended_at is not None:
-            return
+            period_end = min(period_end, lic.ended_at)
         lic.paid_through = max(lic.paid_through or 0, period_end)
+
+    def _end(self, lic: License, ended_at: int) -> None:
+        """The subscription ended: nothing after ``ended_at`` is paid, and no grace follows."""
+        lic.ended_at = ended_at if lic.ended_at is None else min(lic.ended_at, ended_at)
+        if lic.paid_through is not None:
+            lic.paid_through = min(lic.paid_through, lic.ended_at)
 
     def _invoice_paid(self, event: dict[str, Any], prepared: Prepared, now: int) -> Outcome:
         inv = event["data"]["object"]
         sub_id = invoice_subscription(inv)
         if not sub_id:
-            return Outcome("ignored", detail="not a subscription invoice")
+            return _ignored(Reason.NOT_A_SUBSCRIPTION_INVOICE, inv.get("id"))
         if prepared.subscription is not None:
             outcome = self._snapshot(prepared.subscription, prepared, _older(event), now)
-            if outcome.status == "ignored":
+            if outcome.effect is Effect.IGNORED:
                 return outcome
         lic = self.store.find_license("stripe_subscription_id", sub_id)
         if lic is None:
-            return Outcome("ignored", detail="subscription is not for a licensed plan")
+            return _ignored(Reason.UNKNOWN_SUBSCRIPTION, sub_id)
         before = licensing.license_view(lic, 0)
+        state_before = _money_state(lic)
         claims_before = licensing.key_claims(lic, "")
         period_end = invoice_period_end(inv)
         if period_end is not None:
             self._extend(lic, period_end)
-        self._set_status(lic, "active", _version(event))
         for ref in invoice_payment_ids(inv):
-            self._remember_payment(ref, lic.id)
+            self._remember_payment(ref, lic.id, _amount(inv.get("amount_paid")))
         self._restamp_if_changed(lic, claims_before, now)
+        if _money_state(lic) == state_before:
+            return Outcome(Effect.UNCHANGED, lic.id)
         self.store.save_license(lic, now)
         self.store.audit(now, "stripe", "license.renew", lic.id, before, licensing.license_view(lic, 0))
-        return Outcome("applied", lic.id, "renewed")
+        self._mail_key_once(lic, now)
+        return Outcome(Effect.CHANGED, lic.id)
 
     def _invoice_failed(self, event: dict[str, Any], prepared: Prepared, now: int) -> Outcome:
+        """A failed charge moves nothing: ``paid_through`` stays at the last paid period's end,
+        and grace runs from there while the subscription lives (its own events say
+        ``past_due``, then ``unpaid`` or ``canceled``)."""
         inv = event["data"]["object"]
         sub_id = invoice_subscription(inv)
         if not sub_id:
-            return Outcome("ignored", detail="not a subscription invoice")
+            return _ignored(Reason.NOT_A_SUBSCRIPTION_INVOICE, inv.get("id"))
         if prepared.subscription is not None:
             self._snapshot(prepared.subscription, prepared, _older(event), now)
         lic = self.store.find_license("stripe_subscription_id", sub_id)
         if lic is None:
-            return Outcome("ignored", detail="subscription is not for a licensed plan")
-        before = licensing.license_view(lic, 0)
-        self._set_status(lic, "past_due", _version(event))
-        self.store.save_license(lic, now)
-        self.store.audit(now, "stripe", "license.past_due", lic.id, before, licensing.license_view(lic, 0))
-        return Outcome("applied", lic.id, "past due")
+            return _ignored(Reason.UNKNOWN_SUBSCRIPTION, sub_id)
+        return Outcome(Effect.UNCHANGED, lic.id)
 
-    def _paid_license(self, prepared: Prepared) -> License | Outcome:
+    def _customer_updated(self, event: dict[str, Any], prepared: Prepared, now: int) -> Outcome:
+        """The licences follow their Stripe customer's e-mail address and name (newest event wins)."""
+        customer = event["data"]["object"]
+        row = self.store.one(
+            "SELECT id, email, name, stripe_version FROM customers WHERE stripe_customer_id = ?",
+            (customer["id"],),
+        )
+        if row is None:
+            return _ignored(Reason.UNKNOWN_CUSTOMER, customer["id"])
+        version = _version(event)
+        if version <= row["stripe_version"]:
+            return Outcome(Effect.UNCHANGED)
+        email, name = customer.get("email"), customer.get("name")
+        try:
+            email = mailer.check_address(email) if email else row["email"]
+            name = mailer.check_display_name(name) if name else row["name"]
+        except InvalidEmail:
+            return _ignored(Reason.INVALID_EMAIL, customer["id"])
+        licenses = self.store.licenses_where("customer_id", row["id"])
+        self.store.execute(
+            "UPDATE customers SET email = ?, name = ?, stripe_version = ?, updated_at = ? WHERE id = ?",
+            (email, name, version, now, row["id"]),
+        )
+        if (email, name) == (row["email"], row["name"]):
+            return Outcome(Effect.UNCHANGED)
+        for lic in licenses:
+            self.store.audit(
+                now,
+                "stripe",
+                "license.customer_update",
+                lic.id,
+                {"email": row["email"], "name": row["name"]},
+                {"email": email, "name": name},
+            )
+        return Outcome(Effect.CHANGED, licenses[0].id if licenses else None)
+
+    def _paid_license(self, prepared: Prepared, subject: str | None) -> License | Outcome:
         """The licence a charge paid for, or the outcome saying there is none."""
         lic = self.store.get_license(prepared.license_id) if prepared.license_id else None
-        return lic if lic is not None else Outcome("ignored", detail="the charge paid for no licence")
+        return lic if lic is not None else _ignored(Reason.UNKNOWN_PAYMENT, subject)
 
-    def _charge_refunded(self, event: dict[str, Any], prepared: Prepared, now: int) -> Outcome:
-        charge = event["data"]["object"]
-        lic = self._paid_license(prepared)
+    def _refunded(self, event: dict[str, Any], prepared: Prepared, now: int) -> Outcome:
+        """A full refund revokes the licence the payment paid for, whichever event says it first."""
+        obj = event["data"]["object"]
+        payment = _id_of(obj.get("charge")) if event["type"].startswith("refund.") else obj["id"]
+        lic = self._paid_license(prepared, payment or _id_of(obj.get("payment_intent")))
         if isinstance(lic, Outcome):
             return lic
-        amount = int(charge.get("amount") or 0)
-        refunded = int(charge.get("amount_refunded") or 0)
-        full = bool(charge.get("refunded")) or (amount > 0 and refunded >= amount)
+        if event["type"].startswith("refund.") and obj.get("status") != "succeeded":
+            return _ignored(Reason.REFUND_NOT_SUCCEEDED, obj.get("id"))
+        full = prepared.refund_full
         plan = self.services.catalog.plans.get(lic.plan)
-        if not full and not (plan and plan.revoke_on_partial_refund and refunded > 0):
-            return Outcome("applied", lic.id, "partial refund: licence kept")
+        if full is None:
+            return _ignored(Reason.REFUND_AMOUNT_UNKNOWN, payment)
+        if not full and not (plan and plan.revoke_on_partial_refund):
+            return _ignored(Reason.PARTIAL_REFUND, payment)
+        if lic.status == "revoked":
+            return Outcome(Effect.UNCHANGED, lic.id)
         before = licensing.license_view(lic, 0)
-        if lic.status != "revoked":
-            lic.status = "revoked"
-            lic.status_reason = "refund"
-            self.store.save_license(lic, now)
-            self.store.audit(now, "stripe", "license.revoke", lic.id, before, licensing.license_view(lic, 0))
-        return Outcome("applied", lic.id, "revoked by refund")
+        lic.status = "revoked"
+        lic.status_reason = "refund"
+        self.store.save_license(lic, now)
+        self.store.audit(now, "stripe", "license.revoke", lic.id, before, licensing.license_view(lic, 0))
+        return Outcome(Effect.CHANGED, lic.id)
 
     def _dispute(self, event: dict[str, Any], prepared: Prepared, now: int) -> Outcome:
         dispute = event["data"]["object"]
-        lic = self._paid_license(prepared)
+        lic = self._paid_license(prepared, _id_of(dispute.get("charge")))
         if isinstance(lic, Outcome):
             return lic
         version = _version(event)
@@ -863,7 +1127,7 @@ class EventProcessor:
             before,
             licensing.license_view(lic, 0),
         )
-        return Outcome("applied", lic.id, f"dispute {status}")
+        return Outcome(Effect.CHANGED, lic.id)
 
     def _settle_disputes(self, lic: License) -> None:
         """Derive the licence status from its disputes: lost revokes, open suspends."""
@@ -879,6 +1143,42 @@ class EventProcessor:
                 lic.status, lic.status_reason = "suspended", "dispute"
         elif lic.status == "suspended" and lic.status_reason == "dispute":
             lic.status, lic.status_reason = "active", None
+
+
+def _money_state(lic: License) -> tuple[Any, ...]:
+    """What an event may change, compared before and after to tell whether it did."""
+    return (
+        lic.subscription_status,
+        lic.paid_through,
+        lic.ended_at,
+        lic.cancel_at_period_end,
+        lic.plan,
+        lic.max_machines,
+        lic.period_start,
+        lic.period_end,
+    )
+
+
+def _charge_refunded_in_full(charge: dict[str, Any]) -> bool:
+    amount = _amount(charge.get("amount")) or 0
+    refunded = _amount(charge.get("amount_refunded")) or 0
+    return bool(charge.get("refunded")) or (amount > 0 and refunded >= amount)
+
+
+def _log_ignored(event: dict[str, Any], outcome: Outcome) -> None:
+    """One WARNING line naming the event and what it was about (not for unhandled types)."""
+    assert outcome.reason is not None
+    fields = {
+        "event_id": event["id"],
+        "type": event["type"],
+        "reason": outcome.reason.value,
+        "subject": outcome.subject,
+    }
+    message = f"stripe event {event['id']} ({event['type']}) changed nothing: {outcome.detail}"
+    if outcome.reason is Reason.UNHANDLED_TYPE:
+        log.debug(message, extra=fields)
+    else:
+        log.warning(message, extra=fields)
 
 
 def _as_of(now: int) -> dict[str, Any]:
@@ -998,7 +1298,11 @@ class Reconciler:
         with self._exclusive():
             report = ReconcileReport("full")
             calls_before = self.gateway.calls
-            for sub in self.gateway.list_all("/v1/subscriptions", status="all"):
+            # The latest invoice comes with each subscription (no call more): the
+            # current period counts as paid only when that invoice is.
+            expand: dict[str, Any] = {"expand[]": "data.latest_invoice"}
+            subscriptions = self.gateway.list_all("/v1/subscriptions", status="all", **expand)
+            for sub in subscriptions:
                 report.checked += 1
                 self._count(report, self.processor.repair_subscription(sub, now))
             try:
@@ -1024,15 +1328,13 @@ class Reconciler:
 
     @staticmethod
     def _count(report: ReconcileReport, outcome: Outcome) -> None:
-        if outcome.status == "duplicate":
+        if outcome.effect is Effect.DUPLICATE:
             report.duplicates += 1
-        elif outcome.status == "ignored":
+        elif outcome.effect is Effect.IGNORED:
             report.ignored += 1
-        elif outcome.detail.startswith("no change"):
-            report.applied += 1
         else:
             report.applied += 1
-            report.repaired += 1
+            report.repaired += outcome.effect is Effect.CHANGED
 
 
 def setup_webhook_endpoint(gateway: StripeGateway, base_url: str) -> tuple[str, str | None, bool]:
@@ -1185,7 +1487,7 @@ class StripeRoutes:
         except LicensedError:
             metrics.record_webhook(event["type"], "failed")
             raise
-        metrics.record_webhook(event["type"], outcome.status)
+        metrics.record_webhook(event["type"], outcome.status, outcome.reason)
         return Response({"received": True})
 
     def portal(self, request: Request) -> Response:

@@ -107,9 +107,20 @@ def invoice(
     customer: str = "cus_test",
     legacy: bool = False,
     status: str = "paid",
+    reason: str = "subscription_cycle",
+    amount: int = 2000,
 ) -> dict[str, Any]:
     inv = fixture("invoice")
-    inv.update(id=uid("in"), customer=customer, status=status, billing_reason="subscription_cycle")
+    paid = amount if status == "paid" else 0
+    inv.update(
+        id=uid("in"),
+        customer=customer,
+        status=status,
+        billing_reason=reason,
+        amount_due=amount,
+        amount_paid=paid,
+        amount_remaining=amount - paid,
+    )
     line = inv["lines"]["data"][0]
     line["period"] = {"start": period_end - 30 * 86400, "end": period_end}
     inv["payments"] = {"object": "list", "data": [], "has_more": False}

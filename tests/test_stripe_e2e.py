@@ -102,3 +102,64 @@ def test_checkout_before_any_subscription_event_fetches_from_stripe(
     status = requests.get(f"{served.url}/api/checkout/session/{session['id']}", timeout=5).json()
     assert status["status"] == "complete"
     assert served.validate(status["license"]["key"])["code"] == "VALID"
+
+
+def test_a_failed_charge_and_its_recovery_move_nothing_money_did_not(
+    emulator: Emulator, served: Served
+) -> None:
+    """localstripe has no renewals and no clock to move: it charges an extra invoice of a live
+    subscription with a card that fails authentication (``invoice.payment_failed``, the
+    subscription ``past_due`` in the emulator), then with a good card
+    (``invoice.payment_succeeded``). The licence keeps the paid period throughout; the
+    renewal sequences over time are in tests/test_renewals.py."""
+
+    def card(customer_id: str, number: str) -> None:
+        method = emulator.call(
+            "post",
+            "/v1/payment_methods",
+            type="card",
+            card={"number": number, "exp_month": "12", "exp_year": "2030", "cvc": "123"},
+        )
+        emulator.call("post", f"/v1/payment_methods/{method['id']}/attach", customer=customer_id)
+        emulator.call(
+            "post", f"/v1/customers/{customer_id}", invoice_settings={"default_payment_method": method["id"]}
+        )
+
+    customer = emulator.customer("retry@example.com")
+    sub = emulator.call(
+        "post", "/v1/subscriptions", customer=customer["id"], items=[{"plan": "price_pro_monthly"}]
+    )
+    wait_for(
+        lambda: served.license_of(sub["id"]) and served.license_of(sub["id"])["paid_through"], what="payment"
+    )
+    lic = served.license_of(sub["id"])
+    key = key_for(served, lic["id"])
+    card(customer["id"], "4000002500003155")  # asks for 3-D Secure
+    invoice = emulator.call("post", "/v1/invoices", customer=customer["id"], subscription=sub["id"])
+    invoice = emulator.call("post", f"/v1/invoices/{invoice['id']}/pay")
+    intent = emulator.call("get", f"/v1/payment_intents/{invoice['payment_intent']}")
+    emulator.call(
+        "post",
+        f"/v1/payment_intents/{intent['id']}/_authenticate",
+        client_secret=intent["client_secret"],
+        success="false",
+    )
+    assert emulator.call("get", f"/v1/subscriptions/{sub['id']}")["status"] == "past_due"
+    failed = wait_for(
+        lambda: served.rows(
+            "SELECT status, license_id FROM stripe_events WHERE type = 'invoice.payment_failed'"
+        ),
+        what="the failed payment's event",
+    )
+    assert [tuple(r) for r in failed] == [("applied", lic["id"])]
+    assert served.license_of(sub["id"])["paid_through"] == lic["paid_through"]
+    assert served.validate(key)["code"] == "VALID"  # the first period is paid and still running
+
+    card(customer["id"], "4242424242424242")
+    assert emulator.call("post", f"/v1/invoices/{invoice['id']}/pay")["status"] == "paid"
+    wait_for(
+        lambda: len(served.rows("SELECT 1 FROM stripe_events WHERE type = 'invoice.payment_succeeded'")) == 2,
+        what="the recovery's event",
+    )
+    assert served.license_of(sub["id"])["paid_through"] == lic["paid_through"]
+    assert served.validate(key)["code"] == "VALID"

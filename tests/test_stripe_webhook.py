@@ -50,15 +50,26 @@ def validate(live: Live, key: str) -> dict[str, Any]:
 
 
 def new_subscription(
-    live: Live, *, legacy: bool = False, price: str = SUB_PRICE, **kw: Any
+    live: Live, *, legacy: bool = False, price: str = SUB_PRICE, paid: bool = True, **kw: Any
 ) -> tuple[str, dict[str, Any]]:
+    """A subscription as Stripe starts one: created, then its first invoice paid (unless ``paid=False``)."""
     sub_id = se.uid("sub")
+    customer = se.uid("cus")
     sub = se.subscription(
-        sub_id=sub_id, customer=se.uid("cus"), price=price, period_end=T0 + 30 * DAY, legacy=legacy, **kw
+        sub_id=sub_id, customer=customer, price=price, period_end=T0 + 30 * DAY, legacy=legacy, **kw
     )
     answer = deliver(live, se.event("customer.subscription.created", sub, created=T0))
     assert answer.status_code == 200, answer.text
     assert answer.json() == {"received": True}
+    if paid:
+        first = se.invoice(
+            sub_id=sub_id,
+            period_end=T0 + 30 * DAY,
+            customer=customer,
+            legacy=legacy,
+            reason="subscription_create",
+        )
+        assert deliver(live, se.event("invoice.paid", first, created=T0)).status_code == 200
     return sub_id, sub
 
 
@@ -198,6 +209,20 @@ def test_subscription_lifecycle(live: Live, legacy: bool) -> None:
         deliver(live, se.event("invoice.payment_failed", failed, created=T0 + 60 * DAY + 10)).status_code
         == 200
     )
+    past_due = se.subscription(
+        sub_id=sub_id,
+        customer="cus_x",
+        price="price_basic_monthly",
+        status="past_due",
+        period_end=T0 + 90 * DAY,
+        legacy=legacy,
+    )
+    assert (
+        deliver(
+            live, se.event("customer.subscription.updated", past_due, created=T0 + 60 * DAY + 10)
+        ).status_code
+        == 200
+    )
     lic = lic_for(live, sub_id)
     assert lic.subscription_status == "past_due"
     assert lic.paid_through == T0 + 60 * DAY
@@ -221,7 +246,7 @@ def test_subscription_lifecycle(live: Live, legacy: bool) -> None:
     )
     assert lic_for(live, sub_id).cancel_at_period_end is True
 
-    # deleted: paid_through = ended_at, no grace
+    # deleted a day after the last paid period: nothing after it was paid, and no grace
     ended = T0 + 61 * DAY
     gone = se.subscription(
         sub_id=sub_id,
@@ -235,7 +260,13 @@ def test_subscription_lifecycle(live: Live, legacy: bool) -> None:
     live.clock.set(ended + 5)
     assert deliver(live, se.event("customer.subscription.deleted", gone, created=ended)).status_code == 200
     lic = lic_for(live, sub_id)
-    assert (lic.subscription_status, lic.paid_through, lic.expires_at) == ("canceled", ended, ended)
+    paid = T0 + 60 * DAY
+    assert (lic.subscription_status, lic.paid_through, lic.ended_at, lic.expires_at) == (
+        "canceled",
+        paid,
+        ended,
+        paid,
+    )
     assert validate(live, key)["code"] == "EXPIRED"
 
 
