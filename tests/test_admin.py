@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import calendar
 import hashlib
+import itertools
 import json
 import os
 import subprocess
@@ -24,20 +25,20 @@ from typing import Any
 import nacl.encoding
 import pytest
 import requests
-from conftest import DAY, T0, Live
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.clock import DAY, T0
+from support.live import Live
 
-import admin
-import keys
-import licensed
-import licensing
-import openapi
-from config import Config
-from errors import Unauthorized
-from services import Services
-from store import Store
-from web import Request
+from licensed import admin, export, keys, licensing, openapi
+from licensed.app import App
+from licensed.config import Config
+from licensed.errors import Unauthorized
+from licensed.redact import MASK, Redactor
+from licensed.routes import guards
+from licensed.services import Services
+from licensed.store import Store
+from licensed.web import Request
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "adm_9f8e7d6c5b4a39281706f5e4d3c2b1a0"
@@ -473,7 +474,7 @@ def test_remove_one_machine_or_reset_all(driver: Driver, live: Live) -> None:
     assert validate(live, key, "m-4")["activated"] is True
 
     driver.remove_machine(lic.id, machine_hash=sha("m-2").upper())
-    assert live.services.store.machine_hashes(lic.id) == [sha("m-3"), sha("m-4")]
+    assert [r["machine_hash"] for r in live.services.store.machine_rows(lic.id)] == [sha("m-3"), sha("m-4")]
     with pytest.raises(AdminError):
         driver.remove_machine(lic.id, machine_id="m-2")  # already gone
 
@@ -612,7 +613,7 @@ def _path(route_path: str, license_id: str) -> str:
 
 def _guarded(live: Live) -> list[tuple[str, str, str]]:
     """(method, path, token) for every route behind the admin or internal token."""
-    app = licensed.App(live.services)
+    app = App(live.services)
     lic = live.issue_license()
     routes = [
         (r.method, _path(r.path, lic.id), r.auth)
@@ -643,16 +644,36 @@ def _near_misses(token: str) -> list[dict[str, str]]:
 def test_every_guarded_route_refuses_a_missing_wrong_or_near_miss_token(live: Live) -> None:
     guarded = _guarded(live)
     assert len(guarded) >= 15
+    addresses = (f"10.0.{n // 250}.{n % 250 + 1}" for n in itertools.count())
     for method, path, token in guarded:
         for headers in _near_misses(token):
+            # Each attempt from its own address (through the trusted proxy): failed attempts
+            # from one address meet a 429, tested below.
+            headers = {**headers, "X-Forwarded-For": next(addresses)}
             answer = live.http.request(method, live.url + path, headers=headers, timeout=10)
             assert answer.status_code == 401, (method, path, headers)
             assert answer.json()["error"]["code"] == "UNAUTHORIZED"
             assert answer.headers["WWW-Authenticate"].startswith("Bearer")
         # and the other service's token does not open it
         other = INTERNAL_KEY if token == ADMIN_TOKEN else ADMIN_TOKEN
-        answer = live.http.request(method, live.url + path, headers={"Authorization": f"Bearer {other}"})
+        headers = {"Authorization": f"Bearer {other}", "X-Forwarded-For": next(addresses)}
+        answer = live.http.request(method, live.url + path, headers=headers)
         assert answer.status_code == 401, (method, path)
+
+
+def test_failed_tokens_from_one_address_meet_a_429(live: Live) -> None:
+    """Guessing the admin token is slowed like any abuse: RATE_LIMIT_PER_MINUTE wrong tries, then 429."""
+    wrong = {"Authorization": "Bearer not-the-admin-token-0123456789abcdef"}
+    budget = live.services.config.rate_limit_per_minute
+    codes = [live.get("/api/admin/stats", headers=wrong).status_code for _ in range(budget)]
+    assert codes == [401] * budget
+    refused = live.get("/api/admin/stats", headers=wrong)
+    assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
+    assert refused.json()["error"]["code"] == "RATE_LIMITED"
+    other = live.get("/api/admin/stats", headers={**wrong, "X-Forwarded-For": "10.9.9.9"})
+    assert other.status_code == 401  # another address has its own budget
+    right = live.get("/api/admin/stats", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert right.status_code == 200  # the right token is never slowed
 
 
 def test_the_right_token_opens_the_route(live: Live) -> None:
@@ -672,7 +693,7 @@ def test_the_right_token_opens_the_route(live: Live) -> None:
 def test_routes_are_off_while_their_token_is_unset(
     tokens: dict[str, str], live: Live, off: dict[str, str]
 ) -> None:
-    app = licensed.App(live.services)
+    app = App(live.services)
     lic = live.issue_license()
     for route in app.router.routes:
         if route.auth not in ("admin", "internal"):
@@ -734,7 +755,7 @@ def test_bad_admin_requests_get_error_bodies(
 
 def test_openapi_documents_the_admin_and_internal_routes(live: Live) -> None:
     doc = live.get("/openapi.json").json()
-    app = licensed.App(live.services)
+    app = App(live.services)
     for route in app.router.routes:
         if route.auth not in ("admin", "internal"):
             continue
@@ -876,7 +897,7 @@ def test_debug_export_streams_everything_but_secrets(two_signing_keys: None, liv
     assert [e["id"] for e in tables["stripe_events"]] == ["evt_export"]
     session = tables["stripe_events"][0]["payload"]["data"]["object"]
     assert session["customer_details"]["email"] == "x@y.co"
-    assert session["client_secret"] == admin.REDACTED
+    assert session["client_secret"] == MASK
     assert "stripe.webhook_secret" in [s["key"] for s in tables["settings"]]
     assert all(set(s) == {"key", "updated_at"} for s in tables["settings"])
     assert [a["action"] for a in tables["audit_log"]][-2:] == ["license.suspend", "store.export"]
@@ -904,7 +925,7 @@ def test_export_is_one_json_document_in_many_chunks(services: Services) -> None:
             now=services.now(),
             actor="test",
         )
-    body = admin.export(services, "admin-token", services.now(), chunk_rows=2)
+    body = export.export(services, "admin-token", services.now(), chunk_rows=2)
     chunks = list(body)
     body.close()
     assert len(chunks) > 7
@@ -918,17 +939,18 @@ def test_export_is_one_json_document_in_many_chunks(services: Services) -> None:
     [
         (
             {"client_secret": "x", "nested": [{"api_key": "k", "fine": 1}]},
-            {"client_secret": "[redacted]", "nested": [{"api_key": "[redacted]", "fine": 1}]},
+            {"client_secret": MASK, "nested": [{"api_key": MASK, "fine": 1}]},
         ),
-        ("DC-PRO-eyJhbGciOi.eyJzdWIi.c2ln", "[redacted]"),
-        ("sk_live_51Habc", "[redacted]"),
-        ("whsec_abc", "[redacted]"),
+        ("DC-PRO-eyJhbGciOi.eyJzdWIi.c2ln", MASK),
+        ("sk_live_51Habc", MASK),
+        ("whsec_abc", MASK),
+        ("cs_live_a1b2c3d4e5", MASK),
         ("buyer@example.com", "buyer@example.com"),
         (42, 42),
     ],
 )
 def test_scrub(value: Any, expected: Any) -> None:
-    assert admin.scrub(value) == expected
+    assert Redactor().clean(value) == expected
 
 
 # --- invariants over all inputs --------------------------------------------------------------------
@@ -939,7 +961,7 @@ _HEADER_TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF), ma
 @settings(max_examples=300, deadline=None)
 @given(presented=_HEADER_TEXT)
 def test_the_guard_admits_exactly_the_configured_token(presented: str) -> None:
-    guard = admin.bearer_guard(lambda: ADMIN_TOKEN, "ADMIN_DISABLED", "ADMIN_TOKEN")
+    guard = guards.bearer_guard(lambda: ADMIN_TOKEN, "ADMIN_DISABLED", "ADMIN_TOKEN")
     environ = {"REQUEST_METHOD": "GET", "HTTP_AUTHORIZATION": f"Bearer {presented}"}
     request = Request(environ, {}, 0)
     if presented.strip() == ADMIN_TOKEN:
@@ -977,4 +999,4 @@ def test_scrub_removes_a_license_key_hidden_anywhere(document: Any, choice: int)
         else:
             target[f"planted{choice}"] = key
     assert key in json.dumps(document)
-    assert key not in json.dumps(admin.scrub(document))
+    assert key not in json.dumps(Redactor().clean(document))

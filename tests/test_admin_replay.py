@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 import requests
-import stripe_events as se
-from conftest import DAY, T0, Live
+from support import stripe_events as se
+from support.clock import DAY, T0
+from support.live import Live
 
-from config import Config
+from licensed.config import Config
 
 TOKEN = "adm_replay_0123456789abcdef"
 ROOT = Path(__file__).resolve().parent.parent

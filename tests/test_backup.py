@@ -14,15 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import T0, FrozenClock
+from support.clock import T0, FrozenClock
 
-import backup
-import keys
-import licensed
-import licensing
-from errors import Conflict
-from services import Services
-from store import Store, integrity_check
+from licensed import backup, keys, licensing
+from licensed.errors import Conflict
+from licensed.services import Services, build_services
+from licensed.store import Store, integrity_check
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -227,7 +224,7 @@ def test_restore_by_copying_the_backup_back(services: Services, clock: FrozenClo
     for suffix in ("-wal", "-shm"):
         Path(f"{config.db_path}{suffix}").unlink(missing_ok=True)
     shutil.copyfile(copy, config.db_path)
-    restored = licensed.build_services(config, clock)
+    restored = build_services(config, clock)
     try:
         check = restored.licensing.check
         assert check(licensing.LicenseRequest(key=key), T0)["code"] == "VALID"

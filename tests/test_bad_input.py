@@ -14,8 +14,9 @@ from typing import Any
 import nacl.signing
 import pytest
 import requests
-from conftest import Live
-from forge import (
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from support.forge import (
     b64,
     claims_of,
     ed25519_token,
@@ -25,11 +26,9 @@ from forge import (
     split_key,
     unsigned_token,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from support.live import Live
 
-import keys
-import licensing
+from licensed import keys, licensing
 
 VALIDATE = "/api/license/validate"
 ROUTES = ("validate", "activate", "deactivate")

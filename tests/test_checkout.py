@@ -7,11 +7,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Live
-from oidc_provider import AUDIENCE, Provider, ec_key
-from stripe_double import StripeDouble, stripe_double
+from support.live import Live
+from support.oidc_provider import AUDIENCE, Provider, ec_key
+from support.ops_helpers import live_with
+from support.stripe_double import StripeDouble, stripe_double
 
-from config import Config
+from licensed.config import Config
+from licensed.oidc import OidcVerifier
 
 
 @pytest.fixture
@@ -93,26 +95,6 @@ def test_stripe_failure_is_503_not_500(live: Live, double: StripeDouble) -> None
     assert answer.json()["error"]["code"] == "STRIPE_UNAVAILABLE"
 
 
-def test_billing_portal_for_a_stripe_license(live: Live, double: StripeDouble) -> None:
-    lic = live.issue_license("pro-monthly", days=30)
-    lic.stripe_customer_id = "cus_portal"
-    live.services.store.save_license(lic, live.services.now())
-    answer = live.post("/api/billing/portal", {"key": live.key_of(lic)})
-    assert answer.status_code == 200, answer.text
-    assert answer.json()["url"].startswith("https://billing.stripe.test/")
-    [sent] = double.requests
-    assert sent.form == {"customer": "cus_portal", "return_url": "https://shop.example.com"}
-
-
-def test_billing_portal_refuses_bad_keys_and_manual_licenses(live: Live, double: StripeDouble) -> None:
-    answer = live.post("/api/billing/portal", {"key": "DC-PRO-eyJhbGciOiJub25lIn0.e30."})
-    assert (answer.status_code, answer.json()["error"]["code"]) == (401, "INVALID_KEY")
-    manual = live.issue("pro-monthly", days=30)
-    answer = live.post("/api/billing/portal", {"key": manual})
-    assert (answer.status_code, answer.json()["error"]["code"]) == (409, "NO_STRIPE_CUSTOMER")
-    assert double.requests == []
-
-
 # --- signed-in buyers (OIDC bearer) ---------------------------------------------------------------
 
 
@@ -131,7 +113,7 @@ def oidc_live(live: Live, provider: Provider) -> Live:
         oidc_audience=AUDIENCE,
         oidc_jwks_url=provider.jwks_url,
     )
-    live.services.__dict__.pop("oidc", None)  # built lazily from the config
+    live.services.oidc = OidcVerifier.from_config(live.services.config)
     return live
 
 
@@ -177,9 +159,28 @@ def test_billing_portal_for_a_signed_in_user(
     assert answer.status_code == 401
 
 
+def test_a_license_key_alone_does_not_open_the_billing_portal(oidc_live: Live, double: StripeDouble) -> None:
+    """Keys live on installations and get shared: the portal is for the signed-in customer."""
+    lic = oidc_live.issue_license("pro-monthly", days=30)
+    store = oidc_live.services.store
+    store.execute(
+        "UPDATE customers SET stripe_customer_id = 'cus_keyholder' WHERE id = ?", (lic.customer_id,)
+    )
+    answer = oidc_live.post("/api/billing/portal", {"key": oidc_live.key_of(lic)})
+    assert (answer.status_code, answer.json()["error"]["code"]) == (401, "UNAUTHORIZED")
+    assert double.requests == []
+
+
+def test_the_billing_portal_is_rate_limited(live: Live, double: StripeDouble) -> None:
+    """Each portal call holds a worker on a Stripe call: one address gets a limited budget."""
+    with live_with(live.services, live.clock, rate_limit_per_minute=3) as server:
+        codes = [server.post("/api/billing/portal", {}).status_code for _ in range(4)]
+    assert codes[-1] == 429 and 429 not in codes[:3]
+
+
 def test_plan_found_from_line_items_fetched_from_stripe(live: Live, double: StripeDouble) -> None:
     """A session without our metadata (made elsewhere, e.g. a payment link): its line items name the price."""
-    import stripe_events as se
+    from support import stripe_events as se
 
     session = se.checkout_session(session_id=se.uid("cs"), mode="payment", payment_intent="pi_items")
     item = {

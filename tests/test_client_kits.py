@@ -26,13 +26,12 @@ from typing import Any
 import jwt
 import nacl.signing
 import pytest
-from conftest import DAY, T0, FrozenClock, Restartable
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from support.clock import DAY, T0, FrozenClock
+from support.live import Restartable
 
-import jws
-import keys
-import licensing
+from licensed import jws, keys, licensing
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "clients" / "python"))
@@ -353,7 +352,7 @@ def test_deactivate_then_activate_on_another_machine(server: Restartable, make_k
     arrived = there.activate(key)
     assert (arrived["code"], arrived["valid"]) == ("VALID", True)
     sub = claims_of(jws_of(key))["sub"]
-    assert server.services.store.machine_hashes(sub) == [
+    assert [r["machine_hash"] for r in server.services.store.machine_rows(sub)] == [
         hashlib.sha256(there.machine_id.encode()).hexdigest()
     ]
     assert here.activate(key)["code"] == "TOO_MANY_MACHINES"

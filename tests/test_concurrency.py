@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import Live
-from forge import claims_of, split_key
+from support.forge import claims_of, split_key
+from support.live import Live
 
 CLIENTS = 32
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from conftest import FrozenClock, Live
-from ops_helpers import live_with
+from support.clock import FrozenClock
+from support.live import Live
+from support.ops_helpers import live_with
 
-from cors import Cors, origin_of
-from services import Services
+from licensed.cors import Cors, origin_of
+from licensed.services import Services
 
 SHOP = "https://shop.example.com"
 

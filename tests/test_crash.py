@@ -10,7 +10,7 @@ import os
 import random
 from pathlib import Path
 
-from crash_harness import run_crash
+from support.crash_harness import run_crash
 
 
 def test_sigkill_during_webhooks_and_validations_loses_nothing(tmp_path: Path) -> None:

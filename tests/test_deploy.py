@@ -14,18 +14,20 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
-from conftest import FrozenClock
-from ops_helpers import live_with
+from support.clock import FrozenClock
+from support.ops_helpers import live_with
 
-import licensed
-from config import Config, read_env_file, setting_names
-from services import Services
+from licensed.cli import _parser
+from licensed.config import Config, read_env_file, setting_names
+from licensed.services import Services
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -288,7 +290,7 @@ def licensed_argvs() -> list[list[str]]:
 @pytest.mark.parametrize("argv", licensed_argvs(), ids=lambda a: " ".join(a[2:4]))
 def test_cron_commands_parse(argv: list[str]) -> None:
     """Each scheduled command is a valid ``licensed`` command line, once that command exists."""
-    parser = licensed._parser()
+    parser = _parser()
     commands = next(a for a in parser._actions if a.dest == "command").choices or {}
     if argv[2] not in commands:
         pytest.skip(f"`licensed {argv[2]}` is not in this build yet")
@@ -323,8 +325,7 @@ def source_copy(where: Path) -> Path:
     where.mkdir()
     shutil.copy(ROOT / "pyproject.toml", where)
     shutil.copy(ROOT / "README.md", where)
-    for module in ROOT.glob("*.py"):
-        shutil.copy(module, where)
+    shutil.copytree(ROOT / "licensed", where / "licensed", ignore=shutil.ignore_patterns("__pycache__"))
     return where
 
 
@@ -367,8 +368,8 @@ def test_install_lays_out_the_files(installed: Path) -> None:
     ]:
         assert (installed / target).read_bytes() == (DEPLOY / origin).read_bytes()
     assert os.access(installed / BIN.lstrip("/"), os.X_OK)
-    site = list((installed / "opt/licensed/lib").glob("python3*/site-packages/licensed.py"))
-    assert site and site[0].read_bytes() == (ROOT / "licensed.py").read_bytes()
+    site = list((installed / "opt/licensed/lib").glob("python3*/site-packages/licensed/cli.py"))
+    assert site and site[0].read_bytes() == (ROOT / "licensed/cli.py").read_bytes()
 
 
 def test_install_twice_changes_nothing(installed: Path, tmp_path: Path) -> None:
@@ -389,11 +390,11 @@ def test_upgrade_installs_new_code_and_keeps_settings(installed: Path, tmp_path:
     edited = env_file.read_bytes()
     source = source_copy(tmp_path / "src")
     marker = "# upgraded build\n"
-    (source / "licensed.py").write_text((ROOT / "licensed.py").read_text(encoding="utf-8") + marker)
+    (source / "licensed/cli.py").write_text((ROOT / "licensed/cli.py").read_text(encoding="utf-8") + marker)
     run = install(installed, source)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "installed licensed" in run.stdout
-    site = next((installed / "opt/licensed/lib").glob("python3*/site-packages/licensed.py"))
+    site = next((installed / "opt/licensed/lib").glob("python3*/site-packages/licensed/cli.py"))
     assert site.read_text(encoding="utf-8").endswith(marker)
     assert env_file.read_bytes() == edited, "the settings file must never be overwritten"
     again = install(installed, source)
@@ -420,11 +421,33 @@ def test_install_refuses_bad_arguments(tmp_path: Path, args: list[str], message:
     assert not (tmp_path / "root" / "opt").exists()
 
 
-def test_every_module_is_packaged() -> None:
-    """``pip install .`` (``make run``) ships exactly the listed modules: one left out
-    imports fine in the tests, which run from the source tree, and fails in a real install."""
-    import tomllib
-
-    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["py-modules"])
-    present = {path.stem for path in ROOT.glob("*.py")}
-    assert listed == present
+def test_the_distribution_installs_one_import_name(tmp_path: Path) -> None:
+    """``pip install .`` puts exactly one top-level name into site-packages: ``licensed``
+    (bare modules such as ``config`` would collide with other distributions), and the
+    package holds every module of the source tree."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    [wheel] = tmp_path.glob("licensed-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")} == {
+        "licensed"
+    }
+    shipped = {name for name in names if name.endswith(".py")}
+    source = {str(path.relative_to(ROOT)) for path in (ROOT / "licensed").rglob("*.py")}
+    assert shipped == source
+    top_level = [name for name in names if name.endswith("top_level.txt")]
+    assert [zipfile.ZipFile(wheel).read(n).decode().split() for n in top_level] in ([], [["licensed"]])

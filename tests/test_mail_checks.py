@@ -7,16 +7,15 @@ import string
 from pathlib import Path
 
 import pytest
-from conftest import T0, FrozenClock
 from hypothesis import given
 from hypothesis import strategies as st
+from support.clock import T0, FrozenClock
 
-import licensed
-import licensing
-import mailer
-from config import Config
-from errors import ConfigError, InvalidEmail, ValidationFailed
-from services import Services
+from licensed import addresses, licensing, mailer, outbox
+from licensed.config import Config
+from licensed.errors import ConfigError, InvalidEmail, ValidationFailed
+from licensed.server import init_data_dir
+from licensed.services import Services
 
 CONTROL = [chr(c) for c in range(32)] + ["\x7f", "\x85", "\u2028", "\u2029"]
 
@@ -34,7 +33,7 @@ CONTROL = [chr(c) for c in range(32)] + ["\x7f", "\x85", "\u2028", "\u2029"]
     ],
 )
 def test_good_addresses_are_normalised(given_addr: str, expected: str) -> None:
-    assert mailer.check_address(given_addr) == expected
+    assert addresses.check_address(given_addr) == expected
 
 
 @pytest.mark.parametrize(
@@ -67,7 +66,7 @@ def test_good_addresses_are_normalised(given_addr: str, expected: str) -> None:
 )
 def test_malformed_addresses_are_refused(bad: object) -> None:
     with pytest.raises(InvalidEmail) as caught:
-        mailer.check_address(bad)
+        addresses.check_address(bad)
     assert caught.value.status == 400 and caught.value.code == "INVALID_EMAIL"
 
 
@@ -83,7 +82,7 @@ def test_malformed_addresses_are_refused(bad: object) -> None:
 )
 def test_header_injection_in_address_names_the_problem(injection: str) -> None:
     with pytest.raises(InvalidEmail, match="line break or control character"):
-        mailer.check_address(injection)
+        addresses.check_address(injection)
 
 
 @given(
@@ -94,9 +93,9 @@ def test_header_injection_in_address_names_the_problem(injection: str) -> None:
 def test_no_address_with_a_control_character_passes(text: str, control: str, where: int) -> None:
     value = text[:where] + control + text[where:]
     with pytest.raises(InvalidEmail):
-        mailer.check_address(value)
+        addresses.check_address(value)
     with pytest.raises(InvalidEmail):
-        mailer.check_display_name(value)
+        addresses.check_display_name(value)
 
 
 _ATOM = st.text(alphabet=string.ascii_lowercase + string.digits + "+_-", min_size=1, max_size=12)
@@ -110,8 +109,8 @@ _LABEL = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
 )
 def test_every_plain_address_passes_unchanged(local: list[str], labels: list[str], tld: str) -> None:
     value = ".".join(local) + "@" + ".".join([*labels, tld])
-    assert mailer.check_address(value) == value
-    header = str(mailer.mailbox(value, "Some Name"))
+    assert addresses.check_address(value) == value
+    header = str(addresses.mailbox(value, "Some Name"))
     assert header == f"Some Name <{value}>"
 
 
@@ -127,7 +126,7 @@ def test_every_plain_address_passes_unchanged(local: list[str], labels: list[str
     ],
 )
 def test_display_names_are_quoted_not_refused(name: str | None, header: str) -> None:
-    assert str(mailer.mailbox("jane@example.com", name)) == header
+    assert str(addresses.mailbox("jane@example.com", name)) == header
 
 
 @pytest.mark.parametrize(
@@ -135,7 +134,7 @@ def test_display_names_are_quoted_not_refused(name: str | None, header: str) -> 
 )
 def test_bad_display_names_are_refused(name: str) -> None:
     with pytest.raises(InvalidEmail):
-        mailer.check_display_name(name)
+        addresses.check_display_name(name)
 
 
 # --- SMTP_URL and MAIL_FROM ----------------------------------------------------------------------
@@ -241,11 +240,11 @@ def test_queue_mail_checks_recipient_and_kind(services: Services) -> None:
     license_id = _issue(services, "buyer@example.com", send_email=False)
     store = services.store
     with pytest.raises(InvalidEmail), store.atomic():
-        mailer.queue_mail(store, license_id, "license_key", "a@example.com\nBcc: b@example.org", None, T0)
+        outbox.queue_mail(store, license_id, "license_key", "a@example.com\nBcc: b@example.org", None, T0)
     with pytest.raises(ValidationFailed, match="unknown kind"), store.atomic():
-        mailer.queue_mail(store, license_id, "newsletter", "a@example.com", None, T0)
+        outbox.queue_mail(store, license_id, "newsletter", "a@example.com", None, T0)
     with store.atomic():
-        mailer.queue_mail(store, license_id, "license_key_resend", "a@example.com", "A", T0)
+        outbox.queue_mail(store, license_id, "license_key_resend", "a@example.com", "A", T0)
     assert [r["kind"] for r in store.mail_for_license(license_id)] == ["license_key_resend"]
 
 
@@ -253,7 +252,7 @@ def test_queue_mail_checks_recipient_and_kind(services: Services) -> None:
 
 
 def test_init_writes_editable_templates_once(config: Config, clock: FrozenClock) -> None:
-    done = licensed.init_data_dir(config, int(clock()))
+    done = init_data_dir(config, int(clock()))
     folder = config.data_dir / "templates"
     written = sorted(p.name for p in folder.iterdir())
     assert written == [
@@ -264,7 +263,7 @@ def test_init_writes_editable_templates_once(config: Config, clock: FrozenClock)
     ]
     assert sum("mail template" in line for line in done) == 4
     (folder / "license_key.txt").write_text("Subject: mine\n\nedited", encoding="utf-8")
-    assert not any("mail template" in line for line in licensed.init_data_dir(config, int(clock())))
+    assert not any("mail template" in line for line in init_data_dir(config, int(clock())))
     assert (folder / "license_key.txt").read_text(encoding="utf-8") == "Subject: mine\n\nedited"
 
 

@@ -19,15 +19,14 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 import pytest
-from conftest import T0, FrozenClock, Live
-from smtp_sink import DROP, SmtpSink, make_certificate, server_context
+from support.clock import T0, FrozenClock
+from support.live import Live
+from support.smtp_sink import DROP, SmtpSink, make_certificate, server_context
 
-import licensed
-import licensing
-import mailer
-from config import Config
-from errors import MailUnavailable
-from services import Services
+from licensed import licensing, mailer
+from licensed.config import Config
+from licensed.errors import MailUnavailable
+from licensed.services import Services, build_services
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIL_FROM = "DashCaddy Licenses <licenses@shop.example>"
@@ -240,7 +239,7 @@ def test_concurrent_senders_deliver_each_message_once(
     ids = [issue(services, f"buyer{n}@example.com") for n in range(count)]
     sink.delay = 0.005
     # Each sender has its own Store (its own SQLite connection), like a second process would.
-    own = [licensed.build_services(services.config, services.clock) for _ in range(senders)]
+    own = [build_services(services.config, services.clock) for _ in range(senders)]
     totals: list[int] = []
     start = threading.Barrier(senders)
 

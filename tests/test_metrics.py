@@ -8,14 +8,15 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import T0, FrozenClock, Live
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
+from support.clock import T0, FrozenClock
+from support.live import Live
 
-import metrics
-from metrics import LATENCY_BUCKETS, MAX_SERIES, Metrics
-from store import Store
+from licensed import metrics
+from licensed.metrics import LATENCY_BUCKETS, MAX_SERIES, Metrics
+from licensed.store import Store
 
 Sample = tuple[str, frozenset[tuple[str, str]]]
 
@@ -178,28 +179,27 @@ def _issued_mails(store: Store) -> int:
         ("0", math.inf, 0),
         ("garbage", math.inf, 0),
         (str(T0 - 300), 300, T0 - 300),
-        (f"{T0 - 90}.5", 89.5, T0 - 89.5),
     ],
 )
 def test_seconds_since_last_reconcile(live: Live, stored: str | None, age: float, stamp: float) -> None:
     if stored is not None:
-        live.services.store.put_setting(metrics.RECONCILE_SETTING, stored, T0)
+        live.services.store.put_setting(Store.LAST_RECONCILE, stored, T0)
     samples = scrape(live)
     assert value(samples, "licensed_seconds_since_last_reconcile") == age
     assert value(samples, "licensed_reconcile_last_success_timestamp_seconds") == stamp
 
 
 def test_reconcile_age_follows_the_clock(live: Live, clock: FrozenClock) -> None:
-    live.services.store.put_setting(metrics.RECONCILE_SETTING, str(T0), T0)
+    live.services.store.put_setting(Store.LAST_RECONCILE, str(T0), T0)
     clock.advance(1234)
     assert value(scrape(live), "licensed_seconds_since_last_reconcile") == 1234
 
 
 def test_webhooks_by_type_and_outcome(live: Live) -> None:
     before = scrape(live)
-    metrics.record_webhook("invoice.paid", "applied")
-    metrics.record_webhook("invoice.paid", "applied")
-    metrics.record_webhook("charge.refunded", "failed")
+    metrics.REGISTRY.record_webhook("invoice.paid", "applied")
+    metrics.REGISTRY.record_webhook("invoice.paid", "applied")
+    metrics.REGISTRY.record_webhook("charge.refunded", "failed")
     after = scrape(live)
     name = "licensed_webhooks_total"
     for labels, expected in [
@@ -240,7 +240,7 @@ def test_request_series_are_capped_and_answers_counted_once() -> None:
     for n in range(MAX_SERIES + 50):
         registry.observe_request("GET", f"/route-{n}", 200, 0.001)
     for code in ("VALID", "VALID", "EXPIRED"):
-        registry.observe_request("POST", "/api/license/validate", 200, 0.001, {"code": code})
+        registry.observe_request("POST", "/api/license/validate", 200, 0.001, code)
     samples = parse(registry.render(None, T0))
     name = "licensed_http_requests_total"
     request_series = [k for k in samples if k[0] == name]
@@ -255,7 +255,7 @@ def test_counting_is_thread_safe() -> None:
 
     def hammer() -> None:
         for _ in range(2000):
-            registry.observe_request("POST", "/api/license/validate", 200, 0.001, {"code": "VALID"})
+            registry.observe_request("POST", "/api/license/validate", 200, 0.001, "VALID")
             registry.record_webhook("invoice.paid", "applied")
 
     threads = [threading.Thread(target=hammer) for _ in range(8)]

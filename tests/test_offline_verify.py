@@ -21,11 +21,11 @@ from typing import Any
 import jwt
 import nacl.signing
 import pytest
-from conftest import DAY, Live
-from forge import claims_of, ed25519_token, flip, header_of, split_key
+from support.clock import DAY
+from support.forge import claims_of, ed25519_token, flip, header_of, split_key
+from support.live import Live
 
-import keys
-import licensing
+from licensed import keys, licensing
 
 ISSUER = "http://licensed.test"
 ROOT = Path(__file__).resolve().parent.parent

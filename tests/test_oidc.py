@@ -21,13 +21,13 @@ from typing import Any
 import jwt
 import pytest
 import requests
-from conftest import DAY, T0, Live
-from oidc_provider import AUDIENCE, Provider, SigningKey, ec_key, rsa_key
+from support.clock import DAY, T0
+from support.live import Live
+from support.oidc_provider import AUDIENCE, Provider, SigningKey, ec_key, rsa_key
 
-import auth
-import licensing
-from config import Config
-from errors import ConfigError, Conflict, InvalidBearerToken, NotFound, OidcUnavailable
+from licensed import identities, licensing, oidc
+from licensed.config import Config
+from licensed.errors import ConfigError, Conflict, InvalidBearerToken, NotFound, OidcUnavailable
 
 STATUS = "/api/subscriptions/status"
 EMAIL = "Buyer@Example.com"
@@ -131,8 +131,8 @@ TokenMaker = Callable[[Provider, int], str]
 
 BAD_TOKENS: dict[str, tuple[TokenMaker, str, str]] = {
     # name: (maker, code, a word the message must contain)
-    "expired": (lambda p, now: p.token(now - 7200, exp=now - auth.LEEWAY), "TOKEN_EXPIRED", "expired"),
-    "not yet valid": (lambda p, now: p.token(now, nbf=now + auth.LEEWAY + 1), "INVALID_TOKEN", "nbf"),
+    "expired": (lambda p, now: p.token(now - 7200, exp=now - oidc.LEEWAY), "TOKEN_EXPIRED", "expired"),
+    "not yet valid": (lambda p, now: p.token(now, nbf=now + oidc.LEEWAY + 1), "INVALID_TOKEN", "nbf"),
     "issued in the future": (lambda p, now: p.token(now + 600), "INVALID_TOKEN", "iat"),
     "wrong issuer": (lambda p, now: p.token(now, iss="https://evil.example/oidc"), "INVALID_TOKEN", "issuer"),
     "wrong audience": (lambda p, now: p.token(now, aud="https://other.example"), "INVALID_TOKEN", "audience"),
@@ -155,7 +155,7 @@ BAD_TOKENS: dict[str, tuple[TokenMaker, str, str]] = {
     "no kid": (lambda p, now: p.token(now, headers={"kid": None}), "INVALID_TOKEN", "kid"),
     "garbage": (lambda p, now: "garbage", "INVALID_TOKEN", "JWT"),
     "three garbage segments": (lambda p, now: "a.b.c", "INVALID_TOKEN", "JWT"),
-    "too long": (lambda p, now: "a" * (auth.MAX_TOKEN_LENGTH + 1), "INVALID_TOKEN", "long"),
+    "too long": (lambda p, now: "a" * (oidc.MAX_TOKEN_LENGTH + 1), "INVALID_TOKEN", "long"),
 }
 
 
@@ -192,12 +192,12 @@ def test_missing_or_malformed_authorization_is_refused(
 @pytest.mark.parametrize(
     ("claim", "offset", "accepted"),
     [
-        ("exp", -auth.LEEWAY + 1, True),
-        ("exp", -auth.LEEWAY, False),
-        ("nbf", auth.LEEWAY, True),
-        ("nbf", auth.LEEWAY + 1, False),
-        ("iat", auth.LEEWAY, True),
-        ("iat", auth.LEEWAY + 1, False),
+        ("exp", -oidc.LEEWAY + 1, True),
+        ("exp", -oidc.LEEWAY, False),
+        ("nbf", oidc.LEEWAY, True),
+        ("nbf", oidc.LEEWAY + 1, False),
+        ("iat", oidc.LEEWAY, True),
+        ("iat", oidc.LEEWAY + 1, False),
     ],
 )
 def test_leeway_boundaries(live: Live, provider: Provider, claim: str, offset: int, accepted: bool) -> None:
@@ -259,10 +259,10 @@ def test_rotation_is_fetched_once_and_unknown_kids_do_not_storm(
         assert "does not publish" in message
     assert provider.requests == 2  # a flood of bogus kids right after a fetch: no fetch at all
 
-    live.clock.advance(auth.UNKNOWN_KID_INTERVAL)
+    live.clock.advance(oidc.UNKNOWN_KID_INTERVAL)
     assert_error(get_status(live, provider.token(now, key=bogus[0])), 401, "INVALID_TOKEN")
     assert provider.requests == 3  # one more look, once the interval has passed
-    live.clock.advance(auth.UNKNOWN_KID_INTERVAL)
+    live.clock.advance(oidc.UNKNOWN_KID_INTERVAL)
     assert_error(get_status(live, provider.token(now, key=bogus[0])), 401, "INVALID_TOKEN")
     assert provider.requests == 3  # never twice for the same kid
     assert get_status(live, provider.token(live.services.now())).status_code == 200
@@ -270,7 +270,7 @@ def test_rotation_is_fetched_once_and_unknown_kids_do_not_storm(
 
 def test_keys_are_refreshed_after_their_max_age(live: Live, provider: Provider) -> None:
     assert get_status(live, provider.token(live.services.now())).status_code == 200
-    live.clock.advance(auth.KEYS_MAX_AGE - 1)
+    live.clock.advance(oidc.KEYS_MAX_AGE - 1)
     assert get_status(live, provider.token(live.services.now())).status_code == 200
     assert provider.requests == 1
     live.clock.advance(1)
@@ -294,7 +294,7 @@ def test_provider_down_answers_503(live: Live, provider: Provider, mode: str) ->
         return
     assert provider.requests == 1  # the second request did not try again so soon
     provider.mode = "ok"
-    live.clock.advance(auth.RETRY_AFTER_FAILURE)
+    live.clock.advance(oidc.RETRY_AFTER_FAILURE)
     assert get_status(live, token).status_code == 200
     assert provider.requests == 2
 
@@ -302,12 +302,12 @@ def test_provider_down_answers_503(live: Live, provider: Provider, mode: str) ->
 def test_cached_keys_outlive_a_provider_outage_for_a_while(live: Live, provider: Provider) -> None:
     assert get_status(live, provider.token(live.services.now())).status_code == 200
     provider.mode = "error"
-    live.clock.advance(auth.KEYS_MAX_AGE)
+    live.clock.advance(oidc.KEYS_MAX_AGE)
     assert get_status(live, provider.token(live.services.now())).status_code == 200  # stale keys
     assert provider.requests == 2
     assert get_status(live, provider.token(live.services.now())).status_code == 200
     assert provider.requests == 2  # no retry within RETRY_AFTER_FAILURE
-    live.clock.advance(auth.STALE_LIMIT)
+    live.clock.advance(oidc.STALE_LIMIT)
     assert_error(get_status(live, provider.token(live.services.now())), 503, "OIDC_UNAVAILABLE")
 
 
@@ -321,7 +321,7 @@ def test_unknown_kid_while_the_provider_is_down_answers_503(
 
 
 def test_a_stalling_provider_is_given_up_on_in_time(provider: Provider) -> None:
-    verifier = auth.OidcVerifier(provider.issuer, AUDIENCE, timeout=0.5)
+    verifier = oidc.OidcVerifier(provider.issuer, AUDIENCE, timeout=0.5)
     provider.mode = "stall"
     started = time.monotonic()
     with pytest.raises(OidcUnavailable):
@@ -343,7 +343,7 @@ def test_keys_from_the_jwks_are_filtered(ec_signing_key: SigningKey) -> None:
             good,
         ]
     }
-    assert list(auth.parse_jwks(json.dumps(document).encode())) == [ec_signing_key.kid]
+    assert list(oidc.parse_jwks(json.dumps(document).encode())) == [ec_signing_key.kid]
 
 
 # --- without OIDC settings ----------------------------------------------------------------
@@ -385,10 +385,10 @@ def test_half_given_oidc_settings_stop_start_up(values: dict[str, str], named: s
 )
 def test_complete_oidc_settings(values: dict[str, str], jwks_url: str) -> None:
     config = Config.from_mapping(values)
-    verifier = auth.OidcVerifier.from_config(config)
+    verifier = oidc.OidcVerifier.from_config(config)
     assert verifier is not None
     assert verifier.jwks_url == jwks_url
-    assert auth.OidcVerifier.from_config(Config()) is None
+    assert oidc.OidcVerifier.from_config(Config()) is None
 
 
 def test_serve_refuses_half_given_settings(tmp_path: Path) -> None:
@@ -462,7 +462,7 @@ def test_unverified_email_links_nothing(live: Live, provider: Provider, claims: 
 def test_a_customer_owned_by_another_user_is_not_claimed(live: Live, provider: Provider) -> None:
     now = live.services.now()
     lic = live.issue_license("pro-monthly", days=30, email=EMAIL)
-    assert auth.link_customer(live.services.store, lic.customer_id, "owner", now) is True
+    assert identities.link_customer(live.services.store, lic.customer_id, "owner", now) is True
     body = get_status(live, user_token(provider, now, sub="intruder")).json()
     assert body["status"] == "none"
     assert get_status(live, provider.token(now, sub="owner")).json()["status"] == "active"
@@ -480,18 +480,18 @@ def test_a_customer_linked_through_its_column_is_found(live: Live, provider: Pro
     body = get_status(live, provider.token(now)).json()
     assert [v["id"] for v in body["licenses"]] == [lic.id]
     with pytest.raises(Conflict):
-        auth.link_customer(store, customer, "someone-else", now)
+        identities.link_customer(store, customer, "someone-else", now)
 
 
 def test_link_customer(live: Live) -> None:
     store, now = live.services.store, live.services.now()
     lic = live.issue_license("pro-monthly", days=30, email=EMAIL)
-    assert auth.link_customer(store, lic.customer_id, "user-9", now) is True
-    assert auth.link_customer(store, lic.customer_id, "user-9", now) is False
+    assert identities.link_customer(store, lic.customer_id, "user-9", now) is True
+    assert identities.link_customer(store, lic.customer_id, "user-9", now) is False
     with pytest.raises(Conflict):
-        auth.link_customer(store, lic.customer_id, "user-10", now)
+        identities.link_customer(store, lic.customer_id, "user-10", now)
     with pytest.raises(NotFound):
-        auth.link_customer(store, "cus_missing", "user-9", now)
+        identities.link_customer(store, "cus_missing", "user-9", now)
     assert store.oidc_sub_of(lic.customer_id) == "user-9"
     assert len(store.all("SELECT id FROM audit_log WHERE action = 'customer.link'")) == 1
 
@@ -570,7 +570,7 @@ def test_status_follows_the_license_lifecycle(live: Live, provider: Provider) ->
 
 
 def test_verifier_rejects_tokens_before_any_fetch(provider: Provider) -> None:
-    verifier = auth.OidcVerifier(provider.issuer, AUDIENCE)
+    verifier = oidc.OidcVerifier(provider.issuer, AUDIENCE)
     for token in ("garbage", provider.unsigned_token(T0), provider.hmac_with_public_key(T0)):
         with pytest.raises(InvalidBearerToken):
             verifier.verify(token, T0)

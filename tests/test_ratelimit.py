@@ -7,14 +7,14 @@ import math
 import threading
 
 import pytest
-from conftest import FrozenClock
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ops_helpers import live_with
+from support.clock import FrozenClock
+from support.ops_helpers import live_with
 
-from errors import RateLimited
-from ratelimit import WINDOW, RateLimiter, client_address, is_limited
-from services import Services
+from licensed.errors import RateLimited
+from licensed.ratelimit import WINDOW, RateLimiter, client_address, is_limited
+from licensed.services import Services
 
 LOCAL = (ipaddress.ip_network("127.0.0.1/32"),)
 PROXIES = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("10.0.0.0/8"))

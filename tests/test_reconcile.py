@@ -13,14 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import stripe_events as se
-from conftest import T0, FrozenClock
-from localstripe_fixtures import Emulator, Served, emulator, free_port, served
-from stripe_double import StripeDouble, stripe_double
+from support import stripe_events as se
+from support.clock import T0
+from support.emulator import Emulator, Served, emulator, free_port, served
+from support.live import Live
+from support.stripe_double import StripeDouble, stripe_double
 
-import licensed
-import stripe_sync
-from errors import StripeUnavailable
+from licensed import errors, stripe_api, stripe_sync
+from licensed.errors import StripeUnavailable
+from licensed.store import Store
 
 __all__ = ["emulator", "served"]
 
@@ -58,7 +59,7 @@ def test_lost_webhooks_are_repaired_and_a_second_run_is_one_page(emulator: Emula
     assert second.returncode == 0, second.stderr
     assert "repaired 0" in second.stdout and "failed 0" in second.stdout
     assert "stripe calls 1," in second.stdout
-    health = served.rows("SELECT value FROM settings WHERE key = ?", (stripe_sync.LAST_SUCCESS_KEY,))
+    health = served.rows("SELECT value FROM settings WHERE key = ?", (Store.LAST_RECONCILE,))
     assert health and int(health[0][0]) >= started
 
 
@@ -109,7 +110,7 @@ def double() -> Iterator[StripeDouble]:
 
 @pytest.fixture
 def reconciler(services: Any, double: StripeDouble) -> stripe_sync.Reconciler:
-    gateway = stripe_sync.StripeGateway("sk_test_double", double.url, sleep=lambda _s: None)
+    gateway = stripe_api.StripeGateway("sk_test_double", double.url, sleep=lambda _s: None)
     return stripe_sync.Reconciler(services, gateway)
 
 
@@ -127,13 +128,13 @@ def test_stripe_failure_mid_listing_keeps_the_cursor(
     services: Any, double: StripeDouble, reconciler: stripe_sync.Reconciler
 ) -> None:
     with services.store.atomic():
-        services.store.put_setting(stripe_sync.CURSOR_KEY, str(T0 - 100), T0)
+        services.store.set_reconcile_cursor(T0 - 100, T0)
     double.on_get = lambda path, query: _event_page(query.get("starting_after"))
     with pytest.raises(StripeUnavailable):
         reconciler.events(T0)
-    assert services.store.get_setting(stripe_sync.CURSOR_KEY) == str(T0 - 100)
+    assert services.store.reconcile_cursor() == T0 - 100
     assert services.store.one("SELECT COUNT(*) FROM stripe_events")[0] == 0
-    assert services.store.get_setting(stripe_sync.LAST_SUCCESS_KEY) is None
+    assert services.store.last_reconcile_at() is None
 
 
 def test_rate_limits_are_backed_off(services: Any, double: StripeDouble) -> None:
@@ -147,7 +148,7 @@ def test_rate_limits_are_backed_off(services: Any, double: StripeDouble) -> None
         return 200, {"object": "list", "data": [], "has_more": False}
 
     double.on_get = on_get
-    gateway = stripe_sync.StripeGateway("sk_test_double", double.url, sleep=waits.append)
+    gateway = stripe_api.StripeGateway("sk_test_double", double.url, sleep=waits.append)
     report = stripe_sync.Reconciler(services, gateway).events(T0)
     assert report.failed == 0
     assert len(waits) >= 2 and waits == sorted(waits)
@@ -188,7 +189,7 @@ def test_replay_of_a_failed_event_from_its_stored_payload(services: Any) -> None
     processor = stripe_sync.EventProcessor(services, gateway=None)
     inv = se.invoice(sub_id="sub_replay", period_end=T0 + 50 * 86400)
     evt = se.event("invoice.paid", inv, T0)
-    with pytest.raises(stripe_sync.WebhookFailed):
+    with pytest.raises(errors.WebhookFailed):
         processor.process(evt, T0)
     sub = se.subscription(
         sub_id="sub_replay", customer="cus_r", price="price_pro_monthly", period_end=T0 + 20 * 86400
@@ -199,9 +200,7 @@ def test_replay_of_a_failed_event_from_its_stored_payload(services: Any) -> None
     assert services.store.find_license("stripe_subscription_id", "sub_replay").paid_through == T0 + 50 * 86400
 
 
-def test_health_reports_the_last_reconcile(services: Any, clock: FrozenClock) -> None:
-    with services.store.atomic():
-        services.store.put_setting(stripe_sync.LAST_SUCCESS_KEY, str(T0), T0)
-    app = licensed.App(services)
-    body = app.health(None).body  # type: ignore[arg-type]
-    assert body["last_reconcile_at"] == "2027-01-15T08:00:00Z"
+def test_health_reports_the_last_reconcile(live: Live) -> None:
+    with live.services.store.atomic():
+        live.services.store.set_last_reconcile_at(T0)
+    assert live.get("/health").json()["last_reconcile_at"] == "2027-01-15T08:00:00Z"

@@ -21,14 +21,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import stripe_events as se
-from conftest import DAY, T0, Live
-from stripe_double import StripeDouble, stripe_double
-from stripe_scenarios import HOUR, P0, P1, P2, PRICE, SCENARIOS, Step, Stream, recovered, start
+from support import stripe_events as se
+from support.clock import DAY, T0
+from support.live import Live
+from support.stripe_double import StripeDouble, stripe_double
+from support.stripe_scenarios import HOUR, P0, P1, P2, PRICE, SCENARIOS, Step, Stream, recovered, start
 
-import licensing
-import stripe_sync
-from config import Config
+from licensed import licensing, stripe_api, stripe_sync
+from licensed.config import Config
 
 
 def table(steps: list[Step]) -> list[tuple[str, str, str | None]]:
@@ -108,7 +108,7 @@ def test_each_step_of_a_renewal_through_the_reconciler(
     """No webhook arrives: after each step the cron reconcile lists what Stripe sent."""
     stripe = StripeEvents()
     double.on_get = stripe.on_get
-    gateway = stripe_sync.StripeGateway("sk_test_double", double.url, sleep=lambda _s: None)
+    gateway = stripe_api.StripeGateway("sk_test_double", double.url, sleep=lambda _s: None)
     reconciler = stripe_sync.Reconciler(live.services, gateway)
     steps = SCENARIOS[scenario]()
     seen = []
@@ -126,7 +126,7 @@ def test_a_renewal_replayed_all_at_once_after_the_outage(live: Live, double: Str
     double.on_get = stripe.on_get
     steps = recovered()
     stripe.events = [event for step in steps for _kind, event in step.events]
-    gateway = stripe_sync.StripeGateway("sk_test_double", double.url, sleep=lambda _s: None)
+    gateway = stripe_api.StripeGateway("sk_test_double", double.url, sleep=lambda _s: None)
     reconciler = stripe_sync.Reconciler(live.services, gateway)
     first = reconciler.events(P2 - HOUR, since=P0 - 60)
     assert (first.failed, first.checked) == (0, len(stripe.events))
@@ -166,7 +166,7 @@ def test_full_reconcile_repairs_periods_counted_before_they_were_paid(
             lic.stripe_subscription_id = sub["id"]
             lic.paid_through = P2
             live.services.store.save_license(lic, T0)
-    gateway = stripe_sync.StripeGateway("sk_test_double", double.url, sleep=lambda _s: None)
+    gateway = stripe_api.StripeGateway("sk_test_double", double.url, sleep=lambda _s: None)
     report = stripe_sync.Reconciler(live.services, gateway).full(P1 + 2 * DAY)
     assert report.failed == 0
     assert [r.path for r in double.requests] == ["/v1/subscriptions", "/v1/checkout/sessions"]
@@ -211,7 +211,7 @@ def test_a_paid_checkout_for_an_unknown_price_is_impossible_to_miss(
     health = live.get("/health")
     assert health.status_code == 200
     assert any(event["id"] in w for w in health.json()["warnings"])
-    from admin import stats
+    from licensed.admin import stats
 
     assert stats(live.services, "test", T0)["unmapped_purchases"] == {
         "count": 1,
@@ -220,7 +220,7 @@ def test_a_paid_checkout_for_an_unknown_price_is_impossible_to_miss(
 
 
 def stripe_sync_events(live: Live, status: str) -> list[dict[str, Any]]:
-    from admin import events
+    from licensed.admin import events
 
     listed: list[dict[str, Any]] = events(live.services, "test", T0, status=status)["events"]
     return listed
@@ -274,7 +274,7 @@ def test_customer_updated_moves_the_address_of_its_licenses(live: Live) -> None:
     deliver(live, older)  # late and older: changes nothing
     row = live.services.store.get_customer(lic.customer_id)
     assert (row["email"], row["name"]) == ("new@example.com", "Ada New")
-    from admin import find
+    from licensed.admin import find
 
     assert [x["id"] for x in find(live.services, "test", T0, email="new@example.com")["licenses"]] == [lic.id]
     audit = live.services.store.all(

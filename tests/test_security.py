@@ -20,15 +20,15 @@ from typing import Any
 import nacl.signing
 import pytest
 import requests
-import stripe_events as se
-from conftest import DAY, T0, Live
-from server_proc import ServerProcess, make_data_dir
+from support import stripe_events as se
+from support.clock import DAY, T0
+from support.live import Live
+from support.server_proc import ServerProcess, make_data_dir
 
-import jws
-import keys
-import licensed
-from config import Config
-from errors import InvalidToken
+from licensed import jws, keys
+from licensed.app import App
+from licensed.config import Config
+from licensed.errors import InvalidToken
 
 ADMIN_TOKEN = "adm_0123456789abcdefghijklmnopqrstuv"
 INTERNAL_KEY = "int_0123456789abcdefghijklmnopqrstuv"
@@ -209,7 +209,7 @@ def near_misses(token: str) -> list[str]:
 
 
 def test_admin_routes_refuse_missing_wrong_and_near_miss_tokens(live: Live) -> None:
-    app = licensed.App(live.services)
+    app = App(live.services)
     if not any(route.path.startswith("/api/admin/") for route in app.router.routes):
         pytest.skip("no /api/admin route in this build yet (the admin API is built separately)")
     tries: list[dict[str, str]] = [
@@ -262,7 +262,7 @@ def test_sql_metacharacters_in_every_string_field_leave_the_database_intact(live
     assert validate(live, key, machine_id="m-real")["activated"] is True
     db = live.services.config.db_path
     schema_before, counts_before = schema_and_counts(db)
-    app = licensed.App(live.services)
+    app = App(live.services)
     bearer = {"admin": ADMIN_TOKEN, "internal": INTERNAL_KEY}
     posted = 0
     for route in app.router.routes:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from localstripe_fixtures import ROOT, free_port, healthy, wait_for
+from support.emulator import ROOT, free_port, healthy, wait_for
 
 
 def test_first_start_then_sigterm_stops_cleanly(tmp_path: Path) -> None:
@@ -28,7 +28,6 @@ def test_first_start_then_sigterm_stops_cleanly(tmp_path: Path) -> None:
         assert sorted(p.name for p in data.iterdir()) == [
             "keys",
             "licensed.sqlite3",
-            "licensed.sqlite3-changes",
             "licensed.sqlite3-shm",
             "licensed.sqlite3-wal",
             "plans.toml",

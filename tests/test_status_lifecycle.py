@@ -13,11 +13,12 @@ from typing import Any
 
 import pytest
 import requests
-import stripe_events as se
-from conftest import DAY, T0, Live
-from oidc_provider import AUDIENCE, Provider, ec_key
+from support import stripe_events as se
+from support.clock import DAY, T0
+from support.live import Live
+from support.oidc_provider import AUDIENCE, Provider, ec_key
 
-from config import Config
+from licensed.config import Config
 
 SUB = "sub_status_lifecycle"
 CUSTOMER = "cus_status_lifecycle"

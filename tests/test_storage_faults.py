@@ -43,14 +43,15 @@ from typing import Any
 
 import pytest
 import requests
-import stripe_events as se
-from conftest import DAY, Live
-from server_proc import ServerProcess, make_data_dir
+from support import stripe_events as se
+from support.clock import DAY
+from support.live import Live
+from support.server_proc import ServerProcess, make_data_dir
 
-import keys
-import store as store_module
-from config import Config
-from errors import StorageUnavailable
+from licensed import keys
+from licensed import store as store_module
+from licensed.config import Config
+from licensed.errors import StorageUnavailable
 
 # --- what is checked, whichever way the fault is made ------------------------------------------
 

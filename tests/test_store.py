@@ -8,11 +8,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import T0, Live
+from support.clock import T0
+from support.live import Live
 
-import store as store_module
-from errors import Conflict, StorageUnavailable
-from store import MIGRATIONS, Store, open_store
+from licensed import store as store_module
+from licensed.errors import Conflict, StorageUnavailable
+from licensed.store import MIGRATIONS, Store, open_store
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ from __future__ import annotations
 import time
 
 import requests
-import stripe_events as se
-from localstripe_fixtures import (
+from support import stripe_events as se
+from support.emulator import (
     WEBHOOK_SECRET,
     Emulator,
     Served,

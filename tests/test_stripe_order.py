@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import stripe_events as se
-from conftest import DAY, T0
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from stripe_scenarios import SCENARIOS
+from support import stripe_events as se
+from support.clock import DAY, T0
+from support.stripe_scenarios import SCENARIOS
 
 SUB = "sub_lifecycle"
 CUS = "cus_lifecycle"

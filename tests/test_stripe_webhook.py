@@ -8,11 +8,12 @@ from typing import Any
 
 import pytest
 import requests
-import stripe_events as se
-from conftest import DAY, T0, Live
+from support import stripe_events as se
+from support.clock import DAY, T0
+from support.live import Live
 
-import licensing
-from config import Config
+from licensed import licensing
+from licensed.config import Config
 
 SUB_PRICE = "price_pro_monthly"
 
@@ -114,10 +115,10 @@ def test_bad_webhooks_are_refused_and_nothing_is_written(
         headers["Stripe-Signature"] = "garbage"
     elif case == "signed non-JSON":
         body = b"{not json"
-        headers["Stripe-Signature"] = se.stripe_sync.sign_payload(body, se.SECRET, now)
+        headers["Stripe-Signature"] = se.stripe_api.sign_payload(body, se.SECRET, now)
     elif case == "signed non-event":
         body = json.dumps({"id": "evt_1", "type": "x"}).encode()
-        headers["Stripe-Signature"] = se.stripe_sync.sign_payload(body, se.SECRET, now)
+        headers["Stripe-Signature"] = se.stripe_api.sign_payload(body, se.SECRET, now)
     answer = _post_raw(live, body, headers)
     assert answer.status_code == status
     assert answer.json()["error"]["code"] == code

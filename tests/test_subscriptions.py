@@ -6,13 +6,12 @@ import itertools
 from typing import Any
 
 import pytest
-from conftest import DAY, T0
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.clock import DAY, T0
 
-import licensing
-import subscriptions
-from store import License
+from licensed import licensing, subscriptions
+from licensed.store import License
 
 _ids = itertools.count()
 

@@ -1,4 +1,4 @@
-"""The signing and verification memos change no answer, only the work done."""
+"""The memory of verified keys changes no answer, only the work done."""
 
 from __future__ import annotations
 
@@ -7,12 +7,9 @@ from pathlib import Path
 
 import pytest
 
-import jws
-import keys
-import licensing
-from errors import InvalidToken
-from memo import BoundedCache
-from services import Services
+from licensed import keys, licensing
+from licensed.errors import InvalidToken
+from licensed.services import Services
 
 
 def issue(services: Services, email: str) -> licensing.License:
@@ -37,30 +34,13 @@ def test_a_remembered_key_needs_its_signer_in_the_ring(services: Services, tmp_p
         keys.parse_license_key(key, services.catalog, stranger)
 
 
-def test_remembered_signatures_equal_fresh_ones(services: Services) -> None:
-    claims = {"sub": "lic_x", "mid": "m", "exp": 2_000_000_000, "iat": 1}
-    first = keys.sign_claims(services.ring, claims)
-    again = keys.sign_claims(services.ring, dict(claims))
-    current = services.ring.current
-    assert first == again == jws.sign(claims, current.key, current.kid)
-    assert keys.sign_claims(services.ring, {**claims, "exp": 2_000_000_001}) != first
-
-
-def test_the_memo_is_bounded() -> None:
-    memo = BoundedCache(size=3)
-    for number in range(10):
-        memo.put(number, number)
-        assert len(memo._data) <= 3
-    assert memo.get(9) == 9
-
-
 def test_a_remembered_validation_needs_its_signer_in_the_ring(services: Services) -> None:
-    """A validation answered from memory is re-checked once the ring has changed: a key
-    whose signer was taken out of the ring stops validating, remembered or not."""
+    """A key verified before is checked against the ring again: once its signer is taken
+    out of the ring it stops validating, remembered or not."""
     lic = issue(services, "b@example.com")
     layer = licensing.Licensing(services.store, services.ring, services.catalog, "http://test", 24)
     request = licensing.LicenseRequest(layer.key(lic), "machine-1")
-    for _ in range(2):  # the second answer comes from memory
+    for _ in range(2):  # the second time the key's signature is remembered
         assert layer.check(request, services.now())["code"] == licensing.VALID
     keys_dir = services.config.keys_dir
     keys.create_key(keys_dir, now=time.time() + 1)

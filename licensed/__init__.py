@@ -1,0 +1,3 @@
+"""licensed: a self-hosted license server for software sold through Stripe."""
+
+__version__ = "0.2.0"

@@ -1,0 +1,27 @@
+"""Queueing mail: a row in the outbox, written in the transaction that makes its licence.
+
+SMTP down means late, never lost: :mod:`mailer` sends what is queued here.
+A row holds only the licence id, the kind of message and the recipient; the
+body, and the key in it, are rendered from the licence row when it is sent.
+"""
+
+from __future__ import annotations
+
+from .addresses import check_address, check_display_name
+from .errors import ValidationFailed
+from .store import Store
+
+KIND_LICENSE_KEY = "license_key"
+KIND_LICENSE_KEY_RESEND = "license_key_resend"
+KINDS = (KIND_LICENSE_KEY, KIND_LICENSE_KEY_RESEND)
+
+
+def queue_mail(store: Store, license_id: str, kind: str, to_addr: str, to_name: str | None, now: int) -> int:
+    """Check the recipient and kind, then queue: call inside the licence's transaction.
+
+    The checked way in to :meth:`store.Store.enqueue_mail`; the same checks
+    run again at send time for rows queued by any other path.
+    """
+    if kind not in KINDS:
+        raise ValidationFailed(f"unknown kind of mail {kind!r}")
+    return store.enqueue_mail(license_id, kind, check_address(to_addr), check_display_name(to_name), now)

@@ -1,0 +1,113 @@
+"""Serving: the data dir on first start, waitress on a real port, and a clean stop.
+
+waitress runs its main loop on ``poll()``: ``select()`` cannot watch a file
+descriptor above 1023, and a client holding a thousand half-sent requests
+would crash the server. The connection limit sits well below the process' file
+limit (raised to its hard limit at start-up), so accepting never fails for
+want of descriptors; idle connections are closed after ``channel_timeout``.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import signal
+import time
+from typing import Any
+
+from . import keys, mailer
+from .app import App
+from .config import Config
+from .plans import EXAMPLE_PLANS
+from .services import build_services
+from .store import open_store
+
+log = logging.getLogger("licensed")
+
+WAITRESS_BODY_LIMIT = 16 * 1024 * 1024
+"""Waitress' own cap; the routes' limits (smaller) answer 413 in JSON first."""
+CONNECTION_LIMIT = 4000
+CHANNEL_TIMEOUT = 30
+FILES_PER_SERVER = 200
+"""Descriptors kept free of connections: the database (per thread), logs, SMTP, Stripe."""
+
+
+def init_data_dir(config: Config, now: int) -> list[str]:
+    """Create what a first start needs; never overwrites anything. Returns what it did."""
+    done = []
+    if not config.data_dir.exists():
+        config.data_dir.mkdir(mode=0o700, parents=True)
+        done.append(f"created {config.data_dir}")
+    if not any(config.keys_dir.glob(f"*{keys.KEY_SUFFIX}")):
+        key = keys.create_key(config.keys_dir)
+        done.append(f"created signing key {key.kid}")
+    if not config.plans_path.exists():
+        config.plans_path.parent.mkdir(parents=True, exist_ok=True)
+        config.plans_path.write_text(EXAMPLE_PLANS, encoding="utf-8")
+        done.append(f"wrote example plans to {config.plans_path}")
+    done += mailer.write_default_templates(config.data_dir)
+    store = open_store(config.db_path, now)
+    store.close()
+    return done
+
+
+def connection_limit() -> int:
+    """As many connections as the file limit allows (raised to its hard limit), at most
+    :data:`CONNECTION_LIMIT`."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        wanted = CONNECTION_LIMIT + FILES_PER_SERVER
+        target = wanted if hard == resource.RLIM_INFINITY else min(hard, max(soft, wanted))
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return max(16, min(CONNECTION_LIMIT, soft - FILES_PER_SERVER))
+
+
+def create_server(app: App, config: Config) -> Any:
+    import waitress.server
+
+    return waitress.server.create_server(
+        app,
+        host=config.host,
+        port=config.port,
+        threads=config.threads,
+        ident="licensed",
+        asyncore_use_poll=True,
+        connection_limit=connection_limit(),
+        channel_timeout=CHANNEL_TIMEOUT,
+        max_request_body_size=WAITRESS_BODY_LIMIT,
+        # The app weighs X-Forwarded-For against TRUSTED_PROXIES itself; waitress 3
+        # would otherwise strip the header before the app sees it.
+        clear_untrusted_proxy_headers=False,
+    )
+
+
+def _stop_on_signal(signum: int, frame: Any) -> None:
+    """SIGTERM (systemd's stop) ends the server like Ctrl-C: the loop unwinds, threads stop."""
+    raise KeyboardInterrupt
+
+
+def serve(config: Config) -> None:
+    for line in init_data_dir(config, int(time.time())):
+        log.info(line)
+    services = build_services(config)
+    server = create_server(App(services), config)
+    log.info(
+        "listening",
+        extra={"url": f"http://{config.host}:{server.effective_port}", "port": int(server.effective_port)},
+    )
+    sender = mailer.MailSender(services).start() if config.smtp_url else None
+    signal.signal(signal.SIGTERM, _stop_on_signal)
+    try:
+        server.run()  # returns on SIGTERM or Ctrl-C: waitress stops on KeyboardInterrupt
+    except KeyboardInterrupt:
+        pass
+    finally:
+        log.info("stopping")
+        server.close()
+        if sender is not None:
+            sender.stop()
+        services.store.close()

@@ -1,0 +1,56 @@
+"""The handles every route needs, built once at start-up (or by a test)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .config import Config
+from .keys import KeyRing
+from .licensing import Licensing
+from .oidc import OidcVerifier
+from .plans import Catalog, load_catalog
+from .store import Store, open_store
+from .stripe_api import StripeGateway
+
+
+@dataclass
+class Services:
+    """Everything a handler needs: handles only, each built once."""
+
+    config: Config
+    store: Store
+    ring: KeyRing
+    catalog: Catalog
+    clock: Callable[[], float] = time.time
+    licensing: Licensing = field(init=False)
+    oidc: OidcVerifier | None = field(init=False)
+    """The identity-provider token verifier: one per server, so its key cache is shared."""
+    stripe: StripeGateway | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        config = self.config
+        self.licensing = Licensing(
+            self.store, self.ring, self.catalog, config.app_base_url, config.lease_ttl_hours
+        )
+        self.oidc = OidcVerifier.from_config(config)
+        self.stripe = (
+            StripeGateway(config.stripe_secret_key, config.stripe_api_base)
+            if config.stripe_secret_key
+            else None
+        )
+
+    def now(self) -> int:
+        return int(self.clock())
+
+
+def build_services(config: Config, clock: Callable[[], float] = time.time) -> Services:
+    """Open the database (migrating it) and read the keys and plans the config names."""
+    return Services(
+        config=config,
+        store=open_store(config.db_path, int(clock())),
+        ring=KeyRing(config.keys_dir),
+        catalog=load_catalog(config.plans_path),
+        clock=clock,
+    )

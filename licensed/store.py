@@ -1,0 +1,1127 @@
+"""SQLite storage: schema migrations, transactions and every query.
+
+One file in WAL mode. ``synchronous=FULL`` because a Stripe webhook is
+acknowledged only after its effect is committed: in WAL mode FULL fsyncs the
+log at every commit, so a 200 never precedes a commit that a power cut could
+take back (NORMAL would only survive a process crash). Writers take the lock
+up front (``BEGIN IMMEDIATE``) so seat counting and event de-duplication are
+serialised; readers never block them.
+
+Every value goes through ``?``. ``sqlite3`` errors are translated here into
+:mod:`errors` classes and never leak upward.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import Conflict, StorageUnavailable
+
+BUSY_TIMEOUT_MS = 5000
+
+PRAGMAS: tuple[tuple[str, str, object], ...] = (
+    # (pragma, value set, value expected when read back)
+    ("journal_mode", "WAL", "wal"),
+    ("synchronous", "FULL", 2),
+    ("foreign_keys", "ON", 1),
+    ("busy_timeout", str(BUSY_TIMEOUT_MS), BUSY_TIMEOUT_MS),
+)
+
+MIGRATIONS: tuple[tuple[str, str], ...] = (
+    (
+        "core tables",
+        """
+        CREATE TABLE customers (
+            id TEXT PRIMARY KEY,
+            email TEXT,
+            name TEXT,
+            stripe_customer_id TEXT UNIQUE,
+            oidc_sub TEXT UNIQUE,
+            created_at INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL
+        );
+        CREATE INDEX customers_email ON customers (email COLLATE NOCASE);
+
+        CREATE TABLE licenses (
+            id TEXT PRIMARY KEY,
+            customer_id TEXT NOT NULL REFERENCES customers (id),
+            product TEXT NOT NULL,
+            plan TEXT NOT NULL,
+            tier TEXT NOT NULL,
+            features TEXT NOT NULL DEFAULT '[]',
+            max_machines INTEGER NOT NULL CHECK (max_machines >= 1),
+            status TEXT NOT NULL DEFAULT 'active'
+                CHECK (status IN ('active', 'suspended', 'revoked')),
+            status_reason TEXT,
+            paid_through INTEGER,
+            grace_days INTEGER NOT NULL DEFAULT 0,
+            lifetime INTEGER NOT NULL DEFAULT 0,
+            subscription_status TEXT,
+            cancel_at_period_end INTEGER NOT NULL DEFAULT 0,
+            source TEXT NOT NULL,
+            stripe_customer_id TEXT,
+            stripe_subscription_id TEXT UNIQUE,
+            stripe_checkout_session_id TEXT UNIQUE,
+            stripe_payment_intent_id TEXT,
+            stripe_charge_id TEXT,
+            stripe_price_id TEXT,
+            snapshot_version TEXT NOT NULL DEFAULT '',
+            status_version TEXT NOT NULL DEFAULT '',
+            ended_at INTEGER,
+            key_kid TEXT NOT NULL,
+            key_iat INTEGER NOT NULL,
+            created_at INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL
+        );
+        CREATE INDEX licenses_customer ON licenses (customer_id);
+        CREATE INDEX licenses_payment_intent ON licenses (stripe_payment_intent_id);
+        CREATE INDEX licenses_charge ON licenses (stripe_charge_id);
+        CREATE INDEX licenses_key_kid ON licenses (key_kid);
+
+        CREATE TABLE machines (
+            id INTEGER PRIMARY KEY,
+            license_id TEXT NOT NULL REFERENCES licenses (id) ON DELETE CASCADE,
+            machine_hash TEXT NOT NULL,
+            activated_at INTEGER NOT NULL,
+            last_seen_at INTEGER NOT NULL,
+            UNIQUE (license_id, machine_hash)
+        );
+
+        CREATE TABLE stripe_events (
+            id TEXT PRIMARY KEY,
+            type TEXT NOT NULL,
+            created INTEGER NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('applied', 'ignored', 'failed')),
+            attempts INTEGER NOT NULL DEFAULT 1,
+            error TEXT,
+            license_id TEXT,
+            payload TEXT NOT NULL,
+            received_at INTEGER NOT NULL,
+            processed_at INTEGER NOT NULL
+        );
+        CREATE INDEX stripe_events_status ON stripe_events (status, received_at);
+        CREATE INDEX stripe_events_license ON stripe_events (license_id);
+
+        CREATE TABLE payments (
+            ref TEXT PRIMARY KEY,
+            license_id TEXT NOT NULL REFERENCES licenses (id) ON DELETE CASCADE
+        );
+
+        CREATE TABLE disputes (
+            id TEXT PRIMARY KEY,
+            license_id TEXT NOT NULL REFERENCES licenses (id) ON DELETE CASCADE,
+            status TEXT NOT NULL,
+            version TEXT NOT NULL
+        );
+
+        CREATE TABLE outbox (
+            id INTEGER PRIMARY KEY,
+            license_id TEXT REFERENCES licenses (id) ON DELETE CASCADE,
+            kind TEXT NOT NULL,
+            to_addr TEXT NOT NULL,
+            to_name TEXT,
+            status TEXT NOT NULL DEFAULT 'pending'
+                CHECK (status IN ('pending', 'sending', 'sent', 'failed')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at INTEGER NOT NULL,
+            claimed_until INTEGER,
+            last_error TEXT,
+            message_id TEXT,
+            created_at INTEGER NOT NULL,
+            sent_at INTEGER
+        );
+        CREATE INDEX outbox_due ON outbox (status, next_attempt_at);
+
+        CREATE TABLE audit_log (
+            id INTEGER PRIMARY KEY,
+            at INTEGER NOT NULL,
+            actor TEXT NOT NULL,
+            action TEXT NOT NULL,
+            license_id TEXT,
+            before TEXT,
+            after TEXT
+        );
+        CREATE INDEX audit_log_license ON audit_log (license_id, at);
+
+        CREATE TABLE settings (
+            key TEXT PRIMARY KEY,
+            value TEXT NOT NULL,
+            updated_at INTEGER NOT NULL
+        );
+        """,
+    ),
+    (
+        "customer identities",
+        # A customer belongs to at most one identity-provider user (sub); one user
+        # may own several customers (an admin-issued licence and a Stripe purchase
+        # under the same e-mail are two customer rows).
+        """
+        CREATE TABLE customer_identities (
+            customer_id TEXT PRIMARY KEY REFERENCES customers (id) ON DELETE CASCADE,
+            oidc_sub TEXT NOT NULL,
+            via TEXT NOT NULL,
+            linked_at INTEGER NOT NULL
+        );
+        CREATE INDEX customer_identities_sub ON customer_identities (oidc_sub);
+        """,
+    ),
+    (
+        "signers of re-issued keys",
+        # A licence re-issued under a new signing key leaves its old key in the
+        # customer's hands, valid offline until its exp: the old signer must stay
+        # in the JWKS until then (until NULL: a lifetime key, kept for good).
+        """
+        CREATE TABLE superseded_keys (
+            kid TEXT PRIMARY KEY,
+            until INTEGER
+        );
+        """,
+    ),
+    (
+        "entitlement follows money",
+        # The subscription's current period is remembered apart from paid_through:
+        # a period is paid for only once an invoice (or the checkout) pays it.
+        # An event that changes nothing keeps the reason; a payment keeps its amount,
+        # so that a refund can be judged full or partial.
+        """
+        ALTER TABLE licenses ADD COLUMN period_start INTEGER;
+        ALTER TABLE licenses ADD COLUMN period_end INTEGER;
+        ALTER TABLE stripe_events ADD COLUMN reason TEXT;
+        ALTER TABLE stripe_events ADD COLUMN subject TEXT;
+        CREATE INDEX stripe_events_reason ON stripe_events (reason, status, received_at);
+        ALTER TABLE payments ADD COLUMN amount INTEGER;
+        ALTER TABLE customers ADD COLUMN stripe_version TEXT NOT NULL DEFAULT '';
+        """,
+    ),
+)
+
+
+ENDED_SUBSCRIPTION = frozenset({"canceled", "unpaid", "incomplete_expired"})
+"""Stripe subscription states after which no grace is given."""
+
+
+def new_id(prefix: str) -> str:
+    """A random public id such as ``lic_4fK…``: unguessable, URL-safe."""
+    return f"{prefix}_{secrets.token_urlsafe(15)}"
+
+
+@dataclass
+class License:
+    id: str
+    customer_id: str
+    product: str
+    plan: str
+    tier: str
+    features: list[str]
+    max_machines: int
+    status: str
+    status_reason: str | None
+    paid_through: int | None
+    grace_days: int
+    lifetime: bool
+    subscription_status: str | None
+    cancel_at_period_end: bool
+    source: str
+    stripe_customer_id: str | None
+    stripe_subscription_id: str | None
+    stripe_checkout_session_id: str | None
+    stripe_payment_intent_id: str | None
+    stripe_charge_id: str | None
+    stripe_price_id: str | None
+    snapshot_version: str
+    status_version: str
+    ended_at: int | None
+    key_kid: str
+    key_iat: int
+    created_at: int
+    updated_at: int
+    period_start: int | None = None
+    """The subscription's current period as Stripe last said (not necessarily paid)."""
+    period_end: int | None = None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> License:
+        """A licence from a row that starts with :data:`LICENSE_SELECT` (more columns may follow)."""
+        data = dict(zip(LICENSE_COLUMNS, row, strict=False))
+        data["features"] = json.loads(data["features"])
+        data["lifetime"] = bool(data["lifetime"])
+        data["cancel_at_period_end"] = bool(data["cancel_at_period_end"])
+        return cls(**data)
+
+    def to_row(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["features"] = json.dumps(list(self.features))
+        data["lifetime"] = int(self.lifetime)
+        data["cancel_at_period_end"] = int(self.cancel_at_period_end)
+        return data
+
+    @property
+    def subscription_ended(self) -> bool:
+        return self.subscription_status in ENDED_SUBSCRIPTION
+
+    @property
+    def expires_at(self) -> int | None:
+        """End of the entitlement, grace included while the subscription lives.
+
+        None for lifetime licences. Grace never extends an ended subscription.
+        """
+        if self.lifetime or self.paid_through is None:
+            return None
+        if self.subscription_ended:
+            return self.paid_through
+        return self.paid_through + self.grace_days * 86400
+
+
+LICENSE_COLUMNS = tuple(f.name for f in fields(License))
+LICENSE_SELECT = ", ".join(f"licenses.{name}" for name in LICENSE_COLUMNS)
+"""The columns :meth:`License.from_row` reads, in its order, whatever order the table has."""
+
+
+class Store:
+    """The database of one server. Thread-safe: one connection per thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._all_lock = threading.Lock()
+
+    # --- connections and transactions ---------------------------------------
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+            self._local.opened_read_only = not self._writable()
+        return conn
+
+    def _writable(self) -> bool:
+        """Whether SQLite can open the database and its WAL for writing right now."""
+        wal = self.path.with_name(self.path.name + "-wal")
+        return os.access(self.path, os.W_OK) and (not wal.exists() or os.access(wal, os.W_OK))
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
+            )
+            conn.row_factory = sqlite3.Row
+            for name, value, expected in PRAGMAS:
+                conn.execute(f"PRAGMA {name} = {value}")
+                actual = conn.execute(f"PRAGMA {name}").fetchone()[0]
+                if actual != expected:
+                    raise StorageUnavailable(f"PRAGMA {name} is {actual!r}, wanted {expected!r}")
+        except sqlite3.Error as err:
+            raise StorageUnavailable(f"cannot open database {self.path}: {err}") from err
+        with self._all_lock:
+            self._all.append(conn)
+        return conn
+
+    def close(self) -> None:
+        with self._all_lock:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
+        self._local = threading.local()
+
+    @contextmanager
+    def atomic(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (``BEGIN IMMEDIATE``); nested calls use savepoints.
+
+        Commits on success, rolls back on any exception, and turns ``sqlite3``
+        errors into :class:`errors.StorageUnavailable` or :class:`errors.Conflict`.
+        """
+        conn = self.conn
+        nested = conn.in_transaction
+        if not nested and getattr(self._local, "opened_read_only", False):
+            # SQLite opened this connection read-only (the file could not be written
+            # then) and it stays so: open afresh for the write, in case that has changed.
+            self._discard(conn)
+            conn = self.conn
+        savepoint = f"sp_{secrets.token_hex(4)}"
+        try:
+            conn.execute(f"SAVEPOINT {savepoint}" if nested else "BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                if nested:
+                    conn.execute(f"ROLLBACK TO {savepoint}")
+                    conn.execute(f"RELEASE {savepoint}")
+                elif conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute(f"RELEASE {savepoint}" if nested else "COMMIT")
+        except sqlite3.IntegrityError as err:
+            raise Conflict(f"conflicting write: {err}") from err
+        except sqlite3.Error as err:
+            if not nested and conn.in_transaction:
+                with suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            if not nested:
+                self._discard(conn)
+            raise StorageUnavailable(f"database write failed: {err}") from err
+        except StorageUnavailable:
+            if not nested:
+                self._discard(conn)
+            raise
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        conn = self.conn
+        try:
+            return conn.execute(sql, params)
+        except sqlite3.IntegrityError as err:
+            raise Conflict(f"conflicting write: {err}") from err
+        except sqlite3.Error as err:
+            if not conn.in_transaction:
+                self._discard(conn)
+            raise StorageUnavailable(f"database error: {err}") from err
+
+    def _discard(self, conn: sqlite3.Connection) -> None:
+        """Forget this thread's connection after a storage error; the next use opens a fresh one.
+
+        A connection opened while the file could not be written (an immutable
+        file, a read-only file system) stays read-only for its whole life, so
+        without this a fault that has been cleared would go on failing the
+        writes of whichever threads met it.
+        """
+        if getattr(self._local, "conn", None) is conn:
+            self._local.conn = None
+        with self._all_lock:
+            if conn in self._all:
+                self._all.remove(conn)
+        with suppress(sqlite3.Error):
+            conn.close()
+
+    def one(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = self.execute(sql, params).fetchone()
+        return row
+
+    def all(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        return list(self.execute(sql, params).fetchall())
+
+    # --- schema ---------------------------------------------------------------
+
+    def migrate(self, now: int) -> list[str]:
+        """Apply pending migrations in order, each recorded in its own transaction."""
+        self.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)"
+        )
+        applied = {r[0] for r in self.all("SELECT version FROM schema_migrations")}
+        if applied - set(range(1, len(MIGRATIONS) + 1)):
+            raise StorageUnavailable("the database was written by a newer licensed; refusing to downgrade it")
+        done = []
+        for version, (name, sql) in enumerate(MIGRATIONS, start=1):
+            if version in applied:
+                continue
+            with self.atomic() as conn:
+                for statement in _statements(sql):
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                    (version, name, now),
+                )
+            done.append(name)
+        return done
+
+    def schema_version(self) -> int:
+        row = self.one("SELECT MAX(version) FROM schema_migrations")
+        return int(row[0] or 0) if row else 0
+
+    # --- settings ---------------------------------------------------------------
+
+    def get_setting(self, key: str) -> str | None:
+        row = self.one("SELECT value FROM settings WHERE key = ?", (key,))
+        return str(row[0]) if row else None
+
+    def put_setting(self, key: str, value: str, now: int) -> None:
+        self.execute(
+            "INSERT INTO settings (key, value, updated_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+            (key, value, now),
+        )
+
+    RECONCILE_CURSOR = "reconcile.cursor"
+    LAST_RECONCILE = "reconcile.last_success_at"
+
+    def reconcile_cursor(self) -> int:
+        """Epoch seconds up to which the reconciler has applied Stripe's events (0: never)."""
+        value = self.get_setting(self.RECONCILE_CURSOR)
+        return int(value) if value and value.isdigit() else 0
+
+    def set_reconcile_cursor(self, cursor: int, now: int) -> None:
+        self.put_setting(self.RECONCILE_CURSOR, str(cursor), now)
+
+    def last_reconcile_at(self) -> int | None:
+        """When a reconcile last ran without a failure."""
+        value = self.get_setting(self.LAST_RECONCILE)
+        return int(value) if value and value.isdigit() else None
+
+    def set_last_reconcile_at(self, now: int) -> None:
+        self.put_setting(self.LAST_RECONCILE, str(now), now)
+
+    def check_writable(self, now: int) -> None:
+        """Commit one small write: proves the file and its disk accept writes."""
+        with self.atomic():
+            self.put_setting("health.checked_at", str(now), now)
+
+    # --- Stripe events, payments, disputes ------------------------------------------
+
+    def stripe_event_status(self, event_id: str) -> str | None:
+        row = self.one("SELECT status FROM stripe_events WHERE id = ?", (event_id,))
+        return str(row[0]) if row else None
+
+    def stripe_event_payload(self, event_id: str) -> dict[str, Any] | None:
+        row = self.one("SELECT payload FROM stripe_events WHERE id = ?", (event_id,))
+        if row is None:
+            return None
+        payload: dict[str, Any] = json.loads(row[0])
+        return payload
+
+    def reopen_ignored_event(self, event_id: str) -> None:
+        """Let an ignored event be applied again (a replay after the plans changed)."""
+        self.execute(
+            "UPDATE stripe_events SET status = 'failed' WHERE id = ? AND status = 'ignored'", (event_id,)
+        )
+
+    def record_stripe_event(
+        self,
+        event: dict[str, Any],
+        *,
+        status: str,
+        error: str | None,
+        reason: str | None,
+        subject: str | None,
+        license_id: str | None,
+        now: int,
+    ) -> None:
+        """Record an event with its outcome; a repeat of a failed one counts an attempt."""
+        self.execute(
+            "INSERT INTO stripe_events (id, type, created, status, attempts, error, reason, subject,"
+            " license_id, payload, received_at, processed_at) VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (id) DO UPDATE SET status = excluded.status, attempts = attempts + 1,"
+            " error = excluded.error, reason = excluded.reason, subject = excluded.subject,"
+            " license_id = COALESCE(excluded.license_id, license_id), processed_at = excluded.processed_at",
+            (
+                event["id"],
+                event["type"],
+                int(event["created"]),
+                status,
+                error,
+                reason,
+                subject,
+                license_id,
+                json.dumps(event, separators=(",", ":")),
+                now,
+                now,
+            ),
+        )
+
+    def payment_license(self, ref: str) -> str | None:
+        """The licence a payment (charge or payment intent id) paid for."""
+        row = self.one("SELECT license_id FROM payments WHERE ref = ?", (ref,))
+        return str(row[0]) if row else None
+
+    def payment_amount(self, ref: str) -> int | None:
+        row = self.one("SELECT amount FROM payments WHERE ref = ?", (ref,))
+        return int(row[0]) if row and row[0] is not None else None
+
+    def remember_payment(self, ref: str, license_id: str, amount: int | None) -> None:
+        self.execute(
+            "INSERT INTO payments (ref, license_id, amount) VALUES (?, ?, ?)"
+            " ON CONFLICT (ref) DO UPDATE SET amount = COALESCE(payments.amount, excluded.amount)",
+            (ref, license_id, amount),
+        )
+
+    def dispute(self, dispute_id: str) -> sqlite3.Row | None:
+        return self.one("SELECT status, version FROM disputes WHERE id = ?", (dispute_id,))
+
+    def insert_dispute(self, dispute_id: str, license_id: str, status: str, version: str) -> None:
+        self.execute(
+            "INSERT INTO disputes (id, license_id, status, version) VALUES (?, ?, ?, ?)",
+            (dispute_id, license_id, status, version),
+        )
+
+    def update_dispute(self, dispute_id: str, status: str, version: str) -> None:
+        self.execute(
+            "UPDATE disputes SET status = ?, version = ? WHERE id = ?", (status, version, dispute_id)
+        )
+
+    def dispute_statuses(self, license_id: str) -> list[str]:
+        return [
+            str(r[0]) for r in self.all("SELECT status FROM disputes WHERE license_id = ?", (license_id,))
+        ]
+
+    # --- customers ---------------------------------------------------------------
+
+    def upsert_customer(
+        self,
+        now: int,
+        *,
+        email: str | None,
+        name: str | None = None,
+        stripe_customer_id: str | None = None,
+        oidc_sub: str | None = None,
+    ) -> str:
+        """The customer id for a Stripe customer (or, without one, an e-mail)."""
+        row = None
+        if stripe_customer_id:
+            row = self.one("SELECT id FROM customers WHERE stripe_customer_id = ?", (stripe_customer_id,))
+        elif email:
+            row = self.one(
+                "SELECT id FROM customers WHERE email = ? COLLATE NOCASE"
+                " AND stripe_customer_id IS NULL ORDER BY created_at LIMIT 1",
+                (email,),
+            )
+        if row:
+            self.execute(
+                "UPDATE customers SET email = COALESCE(?, email), name = COALESCE(?, name),"
+                " oidc_sub = COALESCE(oidc_sub, ?), updated_at = ? WHERE id = ?",
+                (email, name, oidc_sub, now, row[0]),
+            )
+            return str(row[0])
+        customer_id = new_id("cus")
+        self.execute(
+            "INSERT INTO customers (id, email, name, stripe_customer_id, oidc_sub, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (customer_id, email, name, stripe_customer_id, oidc_sub, now, now),
+        )
+        return customer_id
+
+    def get_customer(self, customer_id: str) -> sqlite3.Row | None:
+        return self.one("SELECT * FROM customers WHERE id = ?", (customer_id,))
+
+    def customer_by_stripe_id(self, stripe_customer_id: str) -> sqlite3.Row | None:
+        return self.one("SELECT * FROM customers WHERE stripe_customer_id = ?", (stripe_customer_id,))
+
+    def fill_customer_contact(self, customer_id: str, email: str | None, name: str | None, now: int) -> None:
+        """Set the e-mail address and name where the customer has none yet."""
+        self.execute(
+            "UPDATE customers SET email = COALESCE(email, ?), name = COALESCE(name, ?), updated_at = ?"
+            " WHERE id = ?",
+            (email, name, now, customer_id),
+        )
+
+    def update_customer_contact(
+        self, customer_id: str, email: str | None, name: str | None, stripe_version: str, now: int
+    ) -> None:
+        """The contact Stripe's newest ``customer.updated`` (``stripe_version``) gave."""
+        self.execute(
+            "UPDATE customers SET email = ?, name = ?, stripe_version = ?, updated_at = ? WHERE id = ?",
+            (email, name, stripe_version, now, customer_id),
+        )
+
+    # --- licenses ---------------------------------------------------------------
+
+    def insert_license(self, lic: License) -> None:
+        row = lic.to_row()
+        columns = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        self.execute(f"INSERT INTO licenses ({columns}) VALUES ({marks})", list(row.values()))
+
+    def save_license(self, lic: License, now: int) -> None:
+        before = self.get_license(lic.id)
+        if before is not None and before.key_kid != lic.key_kid:
+            self.keep_signer(before.key_kid, before.expires_at)
+        lic.updated_at = now
+        row = lic.to_row()
+        row.pop("id")
+        assignments = ", ".join(f"{column} = ?" for column in row)
+        self.execute(f"UPDATE licenses SET {assignments} WHERE id = ?", [*row.values(), lic.id])
+
+    def get_license(self, license_id: str) -> License | None:
+        row = self.one(f"SELECT {LICENSE_SELECT} FROM licenses WHERE id = ?", (license_id,))
+        return License.from_row(row) if row else None
+
+    def find_license(self, column: str, value: str) -> License | None:
+        if column not in LICENSE_COLUMNS:
+            raise ValueError(column)
+        row = self.one(
+            f"SELECT {LICENSE_SELECT} FROM licenses WHERE {column} = ? ORDER BY created_at LIMIT 1", (value,)
+        )
+        return License.from_row(row) if row else None
+
+    def kids_in_use(self, now: int) -> set[str]:
+        """Signing key ids that signed a licence key that has not yet expired."""
+        rows = self.all(
+            "SELECT DISTINCT key_kid FROM licenses WHERE lifetime = 1 OR paid_through IS NULL"
+            " OR paid_through + grace_days * 86400 > ?"
+            " UNION SELECT kid FROM superseded_keys WHERE until IS NULL OR until > ?",
+            (now, now),
+        )
+        return {str(r[0]) for r in rows}
+
+    # --- machines ---------------------------------------------------------------
+
+    def count_machines(self, license_id: str) -> int:
+        row = self.one("SELECT COUNT(*) FROM machines WHERE license_id = ?", (license_id,))
+        return int(row[0]) if row else 0
+
+    def add_machine(self, license_id: str, machine_hash: str, now: int) -> None:
+        self.execute(
+            "INSERT INTO machines (license_id, machine_hash, activated_at, last_seen_at) VALUES (?, ?, ?, ?)",
+            (license_id, machine_hash, now, now),
+        )
+
+    def touch_machine(self, license_id: str, seen_hash: str, machine_hash: str, now: int) -> None:
+        """Stamp the machine seen now; a row stored under an older spelling's hash takes the
+        canonical one."""
+        self.execute(
+            "UPDATE machines SET last_seen_at = ?, machine_hash = ?"
+            " WHERE license_id = ? AND machine_hash = ?",
+            (now, machine_hash, license_id, seen_hash),
+        )
+
+    def remove_machine(self, license_id: str, hashes: Sequence[str]) -> bool:
+        """Free the seat of the machine stored under any of ``hashes``."""
+        cursor = self.execute(
+            f"DELETE FROM machines WHERE license_id = ? AND machine_hash IN ({_marks(hashes)})",
+            (license_id, *hashes),
+        )
+        return cursor.rowcount > 0
+
+    def remove_all_machines(self, license_id: str) -> int:
+        return self.execute("DELETE FROM machines WHERE license_id = ?", (license_id,)).rowcount
+
+    # --- outbox ---------------------------------------------------------------------
+
+    def enqueue_mail(self, license_id: str, kind: str, to_addr: str, to_name: str | None, now: int) -> int:
+        """Queue a message about a licence; call inside the transaction that changes it.
+
+        Only the licence id and the kind of message are stored: the body, and
+        the key in it, are rendered from the licence row when the mail is sent.
+        """
+        cursor = self.execute(
+            "INSERT INTO outbox (license_id, kind, to_addr, to_name, next_attempt_at, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (license_id, kind, to_addr, to_name, now, now),
+        )
+        return int(cursor.lastrowid or 0)
+
+    # --- audit trail ------------------------------------------------------------
+
+    def audit(
+        self,
+        now: int,
+        actor: str,
+        action: str,
+        license_id: str | None,
+        before: Any = None,
+        after: Any = None,
+    ) -> None:
+        self.execute(
+            "INSERT INTO audit_log (at, actor, action, license_id, before, after) VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                now,
+                actor,
+                action,
+                license_id,
+                None if before is None else json.dumps(before, sort_keys=True),
+                None if after is None else json.dumps(after, sort_keys=True),
+            ),
+        )
+
+    # --- customer identities (OIDC) ------------------------------------------------
+    # The link lives in customer_identities; customers.oidc_sub (written by
+    # upsert_customer) is honoured too, so either way of linking is found.
+
+    def customer_ids_for_sub(self, sub: str) -> list[str]:
+        rows = self.all(
+            "SELECT id FROM customers WHERE oidc_sub = ?"
+            " UNION SELECT customer_id FROM customer_identities WHERE oidc_sub = ?"
+            " ORDER BY 1",
+            (sub, sub),
+        )
+        return [str(r[0]) for r in rows]
+
+    def oidc_sub_of(self, customer_id: str) -> str | None:
+        row = self.one(
+            "SELECT COALESCE(i.oidc_sub, c.oidc_sub) FROM customers c"
+            " LEFT JOIN customer_identities i ON i.customer_id = c.id WHERE c.id = ?",
+            (customer_id,),
+        )
+        return None if row is None or row[0] is None else str(row[0])
+
+    def unlinked_customer_ids_by_email(self, email: str) -> list[str]:
+        """Customers with this e-mail (ASCII case-insensitive) that no identity owns yet."""
+        rows = self.all(
+            "SELECT c.id FROM customers c LEFT JOIN customer_identities i ON i.customer_id = c.id"
+            " WHERE c.email = ? COLLATE NOCASE AND c.oidc_sub IS NULL AND i.customer_id IS NULL"
+            " ORDER BY c.created_at, c.id",
+            (email,),
+        )
+        return [str(r[0]) for r in rows]
+
+    def insert_customer_identity(self, customer_id: str, sub: str, via: str, now: int) -> None:
+        self.execute(
+            "INSERT INTO customer_identities (customer_id, oidc_sub, via, linked_at) VALUES (?, ?, ?, ?)",
+            (customer_id, sub, via, now),
+        )
+
+    def licenses_of_customers(self, customer_ids: Sequence[str]) -> list[License]:
+        if not customer_ids:
+            return []
+        marks = ", ".join("?" for _ in customer_ids)
+        rows = self.all(
+            f"SELECT {LICENSE_SELECT} FROM licenses WHERE customer_id IN ({marks}) ORDER BY created_at, id",
+            list(customer_ids),
+        )
+        return [License.from_row(r) for r in rows]
+
+    # --- mail sending (mailer.py) -------------------------------------------------
+    # A row is owned by the sender whose claim set its current ``attempts``: the
+    # retry and failure marks check it, so a sender whose lease ran out cannot
+    # overwrite the outcome of the one that took the row over.
+
+    _DUE_MAIL = (
+        "(status = 'pending' AND next_attempt_at <= ?)"
+        " OR (status = 'sending' AND claimed_until <= ? AND attempts < ?)"
+    )
+
+    def count_due_mail(self, now: int, max_attempts: int) -> int:
+        row = self.one(f"SELECT COUNT(*) FROM outbox WHERE {self._DUE_MAIL}", (now, now, max_attempts))
+        return int(row[0]) if row else 0
+
+    def claim_mail(
+        self, now: int, claimed_until: int, max_attempts: int, message_id: str
+    ) -> sqlite3.Row | None:
+        """Atomically take the next due row (pending, or a claim whose lease ran out).
+
+        The row becomes ``sending`` until ``claimed_until``, its attempt is
+        counted, and it keeps the Message-ID of its first claim (``message_id``
+        is used only when it has none yet).
+        """
+        with self.atomic():
+            row = self.one(
+                f"SELECT id FROM outbox WHERE {self._DUE_MAIL} ORDER BY next_attempt_at, id LIMIT 1",
+                (now, now, max_attempts),
+            )
+            if row is None:
+                return None
+            claimed = self.all(
+                "UPDATE outbox SET status = 'sending', claimed_until = ?, attempts = attempts + 1,"
+                " message_id = COALESCE(message_id, ?) WHERE id = ? RETURNING *",
+                (claimed_until, message_id, row[0]),
+            )
+            return claimed[0] if claimed else None
+
+    def mark_mail_sent(self, outbox_id: int, now: int) -> None:
+        """Delivered is delivered: recorded whoever holds the claim now."""
+        with self.atomic():
+            self.execute(
+                "UPDATE outbox SET status = 'sent', sent_at = ?, claimed_until = NULL, last_error = NULL"
+                " WHERE id = ? AND status != 'sent'",
+                (now, outbox_id),
+            )
+
+    def retry_mail(self, outbox_id: int, attempts: int, next_attempt_at: int, error: str) -> bool:
+        with self.atomic():
+            cursor = self.execute(
+                "UPDATE outbox SET status = 'pending', next_attempt_at = ?, claimed_until = NULL,"
+                " last_error = ? WHERE id = ? AND status = 'sending' AND attempts = ?",
+                (next_attempt_at, error, outbox_id, attempts),
+            )
+        return cursor.rowcount > 0
+
+    def fail_mail(self, outbox_id: int, attempts: int, error: str) -> bool:
+        with self.atomic():
+            cursor = self.execute(
+                "UPDATE outbox SET status = 'failed', claimed_until = NULL, last_error = ?"
+                " WHERE id = ? AND status = 'sending' AND attempts = ?",
+                (error, outbox_id, attempts),
+            )
+        return cursor.rowcount > 0
+
+    def fail_abandoned_mail(self, now: int, max_attempts: int) -> int:
+        """Give up on rows whose last allowed attempt was cut short (lease expired)."""
+        with self.atomic():
+            cursor = self.execute(
+                "UPDATE outbox SET status = 'failed', claimed_until = NULL,"
+                " last_error = 'the last attempt was interrupted; it may have been delivered'"
+                " WHERE status = 'sending' AND claimed_until <= ? AND attempts >= ?",
+                (now, max_attempts),
+            )
+        return cursor.rowcount
+
+    def has_mail(self, license_id: str, kind: str) -> bool:
+        """Whether a message of ``kind`` was ever queued for the licence."""
+        row = self.one("SELECT 1 FROM outbox WHERE license_id = ? AND kind = ? LIMIT 1", (license_id, kind))
+        return row is not None
+
+    def mail_for_license(self, license_id: str) -> list[sqlite3.Row]:
+        return self.all("SELECT * FROM outbox WHERE license_id = ? ORDER BY id", (license_id,))
+
+    # --- metrics ------------------------------------------------------------------
+
+    def outbox_backlog(self) -> dict[str, int]:
+        """Outbox rows not yet sent, counted by status."""
+        rows = self.all(
+            "SELECT status, COUNT(*) FROM outbox WHERE status IN ('pending', 'sending', 'failed')"
+            " GROUP BY status"
+        )
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    def outbox_oldest_unsent(self) -> int | None:
+        """``created_at`` of the oldest mail still waiting to go out, if any."""
+        row = self.one("SELECT MIN(created_at) FROM outbox WHERE status IN ('pending', 'sending')")
+        return int(row[0]) if row and row[0] is not None else None
+
+    # --- core: signers of re-issued keys, one-read seat check -----------------------
+
+    def keep_signer(self, kid: str, until: int | None) -> None:
+        """Remember that ``kid`` signed a key valid until ``until`` (None: for good)."""
+        self.execute(
+            "INSERT INTO superseded_keys (kid, until) VALUES (?, ?) ON CONFLICT (kid) DO UPDATE SET"
+            " until = CASE WHEN until IS NULL OR excluded.until IS NULL THEN NULL"
+            " ELSE MAX(until, excluded.until) END",
+            (kid, until),
+        )
+
+    def license_seats(
+        self, license_id: str, hashes: Sequence[str]
+    ) -> tuple[License | None, str | None, int | None, int]:
+        """The licence, the hash and ``last_seen_at`` of the row that seats a machine stored
+        under any of ``hashes`` (the first preferred; None: no seat), and the seats taken.
+
+        One statement: a validation needs all of it.
+        """
+        row = self.one(
+            f"SELECT {LICENSE_SELECT}, m.machine_hash, m.last_seen_at,"
+            " (SELECT COUNT(*) FROM machines WHERE license_id = licenses.id)"
+            " FROM licenses LEFT JOIN machines m"
+            f" ON m.license_id = licenses.id AND m.machine_hash IN ({_marks(hashes)})"
+            " WHERE licenses.id = ? ORDER BY m.machine_hash = ? DESC LIMIT 1",
+            (*hashes, license_id, hashes[0] if hashes else None),
+        )
+        if row is None:
+            return None, None, None, 0
+        seen_hash, seen_at, used = row[-3], row[-2], row[-1]
+        return (
+            License.from_row(row),
+            None if seen_hash is None else str(seen_hash),
+            None if seen_at is None else int(seen_at),
+            int(used),
+        )
+
+    def machine_state(self, license_id: str, hashes: Sequence[str]) -> tuple[str | None, int]:
+        """The hash of the row that seats the machine (the first of ``hashes`` preferred;
+        None: no seat) and the seats taken, in one read."""
+        row = self.one(
+            "SELECT (SELECT machine_hash FROM machines WHERE license_id = ?1"
+            f" AND machine_hash IN ({_marks(hashes, start=3)}) ORDER BY machine_hash = ?2 DESC LIMIT 1),"
+            " (SELECT COUNT(*) FROM machines WHERE license_id = ?1)",
+            (license_id, hashes[0], *hashes),
+        )
+        if row is None:
+            return None, 0
+        return (None if row[0] is None else str(row[0])), int(row[1])
+
+    # --- support tooling: look-ups, stats, export and backup -------------------
+
+    def licenses_where(self, column: str, value: str) -> list[License]:
+        """Every licence whose ``column`` equals ``value``, oldest first."""
+        if column not in LICENSE_COLUMNS:
+            raise ValueError(column)
+        rows = self.all(
+            f"SELECT {LICENSE_SELECT} FROM licenses WHERE {column} = ? ORDER BY created_at, id", (value,)
+        )
+        return [License.from_row(r) for r in rows]
+
+    def licenses_by_email(self, email: str) -> list[License]:
+        rows = self.all(
+            f"SELECT {LICENSE_SELECT} FROM licenses JOIN customers ON customers.id = licenses.customer_id"
+            " WHERE customers.email = ? COLLATE NOCASE ORDER BY licenses.created_at, licenses.id",
+            (email,),
+        )
+        return [License.from_row(r) for r in rows]
+
+    def licenses_by_stripe_customer(self, stripe_customer_id: str) -> list[License]:
+        rows = self.all(
+            f"SELECT {LICENSE_SELECT} FROM licenses JOIN customers ON customers.id = licenses.customer_id"
+            " WHERE licenses.stripe_customer_id = ? OR customers.stripe_customer_id = ?"
+            " ORDER BY licenses.created_at, licenses.id",
+            (stripe_customer_id, stripe_customer_id),
+        )
+        return [License.from_row(r) for r in rows]
+
+    def iter_licenses(self) -> Iterator[License]:
+        for row in self.execute(f"SELECT {LICENSE_SELECT} FROM licenses ORDER BY created_at, id"):
+            yield License.from_row(row)
+
+    def machine_rows(self, license_id: str) -> list[sqlite3.Row]:
+        return self.all(
+            "SELECT id, machine_hash, activated_at, last_seen_at FROM machines WHERE license_id = ?"
+            " ORDER BY activated_at, id",
+            (license_id,),
+        )
+
+    _EVENT_COLUMNS = (
+        "id, type, created, status, attempts, error, reason, subject, license_id, received_at, processed_at"
+    )
+
+    def stripe_events_for_license(self, license_id: str) -> list[sqlite3.Row]:
+        return self.all(
+            f"SELECT {self._EVENT_COLUMNS} FROM stripe_events WHERE license_id = ?"
+            " ORDER BY created, received_at",
+            (license_id,),
+        )
+
+    def stripe_events_with_status(self, status: str, limit: int) -> list[sqlite3.Row]:
+        return self.all(
+            f"SELECT {self._EVENT_COLUMNS} FROM stripe_events WHERE status = ?"
+            " ORDER BY received_at DESC, id LIMIT ?",
+            (status, limit),
+        )
+
+    def outbox_for_license(self, license_id: str) -> list[sqlite3.Row]:
+        return self.all(
+            "SELECT id, kind, to_addr, to_name, status, attempts, next_attempt_at, last_error, message_id,"
+            " created_at, sent_at FROM outbox WHERE license_id = ? ORDER BY id",
+            (license_id,),
+        )
+
+    def audit_entries(
+        self, *, license_id: str | None, actor: str | None, before_id: int | None, limit: int
+    ) -> list[sqlite3.Row]:
+        """Audit rows, newest first; ``before_id`` pages backwards."""
+        return self.all(
+            "SELECT id, at, actor, action, license_id, before, after FROM audit_log"
+            " WHERE (?1 IS NULL OR license_id = ?1) AND (?2 IS NULL OR actor = ?2)"
+            " AND (?3 IS NULL OR id < ?3) ORDER BY id DESC LIMIT ?4",
+            (license_id, actor, before_id, limit),
+        )
+
+    def unmapped_purchases(self, limit: int = 5) -> tuple[int, list[str]]:
+        """Paid checkouts whose price maps to no plan and that no replay has fixed:
+        how many, and the newest event ids."""
+        where = (
+            "FROM stripe_events WHERE reason = 'no_plan' AND status = 'ignored'"
+            " AND type LIKE 'checkout.session.%'"
+        )
+        row = self.one(f"SELECT COUNT(*) {where}")
+        rows = self.all(f"SELECT id {where} ORDER BY created DESC, id LIMIT ?", (limit,))
+        return (int(row[0]) if row else 0), [str(r[0]) for r in rows]
+
+    def event_counts_since(self, since: int) -> dict[str, int]:
+        rows = self.all(
+            "SELECT status, COUNT(*) FROM stripe_events WHERE received_at >= ? GROUP BY status", (since,)
+        )
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    def outbox_counts(self) -> dict[str, int]:
+        rows = self.all("SELECT status, COUNT(*) FROM outbox GROUP BY status")
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    def machine_total(self) -> int:
+        row = self.one("SELECT COUNT(*) FROM machines")
+        return int(row[0]) if row else 0
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Snapshot]:
+        """A read-only view of the whole database as of one instant (its own connection).
+
+        WAL keeps the view stable while writers go on, so a long export never
+        mixes states and never blocks a webhook.
+        """
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+        except sqlite3.Error as err:
+            raise StorageUnavailable(f"cannot open database {self.path}: {err}") from err
+        try:
+            conn.execute("PRAGMA query_only = ON")
+            conn.execute("BEGIN")
+            conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            yield Snapshot(conn)
+        except sqlite3.Error as err:
+            raise StorageUnavailable(f"database read failed: {err}") from err
+        finally:
+            conn.close()
+
+    def backup_to(self, target: Path) -> None:
+        """Copy the database into the new file ``target`` as one consistent snapshot.
+
+        One backup step (all pages) runs inside a single read transaction: a
+        copy made in several steps would restart whenever another connection
+        writes. The copy is switched out of WAL so it is one self-contained file.
+        """
+        try:
+            dest = sqlite3.connect(target, isolation_level=None)
+            try:
+                self.conn.backup(dest)
+                dest.execute("PRAGMA journal_mode = DELETE").fetchone()
+            finally:
+                dest.close()
+        except sqlite3.Error as err:
+            raise StorageUnavailable(f"backup failed: {err}") from err
+
+
+class Snapshot:
+    """Rows of a consistent read-only view; table and column names come from the caller's allowlist."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def tables(self) -> list[str]:
+        rows = self.conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name"
+        ).fetchall()
+        return [str(r[0]) for r in rows]
+
+    def count(self, table: str) -> int:
+        return int(self.conn.execute(f'SELECT COUNT(*) FROM "{table}"').fetchone()[0])
+
+    def columns(self, table: str) -> list[str]:
+        """The table's columns as the schema has them now."""
+        return [str(r[1]) for r in self.conn.execute(f'PRAGMA table_info("{table}")').fetchall()]
+
+    def rows(self, table: str, columns: Sequence[str], batch: int = 500) -> Iterator[dict[str, Any]]:
+        names = ", ".join(f'"{c}"' for c in columns)
+        cursor = self.conn.execute(f'SELECT {names} FROM "{table}" ORDER BY rowid')
+        while chunk := cursor.fetchmany(batch):
+            for row in chunk:
+                yield dict(row)
+
+
+def integrity_check(path: Path) -> list[str]:
+    """``PRAGMA integrity_check`` of the file at ``path``: ``["ok"]`` when sound."""
+    try:
+        conn = sqlite3.connect(path, isolation_level=None)
+        try:
+            return [str(r[0]) for r in conn.execute("PRAGMA integrity_check").fetchall()]
+        finally:
+            conn.close()
+    except sqlite3.Error as err:
+        return [str(err)]
+
+
+def _marks(values: Sequence[Any], start: int = 0) -> str:
+    """``?, ?, …`` for ``values`` (numbered from ``start`` when given); ``NULL`` for none."""
+    if not values:
+        return "NULL"
+    if start:
+        return ", ".join(f"?{n}" for n in range(start, start + len(values)))
+    return ", ".join("?" for _ in values)
+
+
+def _statements(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+def open_store(path: Path, now: int) -> Store:
+    """Open (creating if needed) and migrate the database."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    store = Store(path)
+    store.migrate(now)
+    return store
