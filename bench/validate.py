@@ -1,19 +1,28 @@
-"""How fast is ``POST /api/license/validate`` next to a bare waitress app?
+"""Validation under the traffic users have: many installations, each with its own key and machine.
 
-One run starts two servers with the same waitress settings and thread count,
-each in its own process:
+Thousands of installations each validate their own key every few hours, so a
+server never sees the same request twice in a row. This benchmark has N
+licences (default 10,000), each already activated on its own machine, and
+walks the N (key, machine) pairs in order: a pair comes back only after all
+the others. Three servers run, each in its own process on 127.0.0.1:
 
-* ``bare``: a WSGI app answering a constant JSON body, the ceiling that
-  waitress itself allows on this machine;
-* ``licensed``: the real ``licensed serve`` on a fresh data dir, with one
-  issued licence whose key (and a machine id) every request validates.
+* ``plain``: a WSGI app answering a constant JSON body under
+  ``waitress.serve(threads=8)`` with waitress' defaults;
+* ``tuned``: the same app under licensed's own server settings
+  (``licensed.server.create_server``: poll, connection limit);
+* ``licensed``: ``python -m licensed serve`` on the data dir.
 
-Each is driven in turn by a separate client process holding keep-alive
-connections (raw sockets, so the client costs little) for a fixed number of
-requests, in alternating rounds. Printed: requests/s of each, the ratio,
-and p50/p99 latency, per round and as medians.
+wrk (``apt-get install wrk``) drives each in turn with keep-alive connections,
+in alternating rounds, and the medians are printed: requests/s, the ratio of
+licensed to plain, and wrk's p50/p99. Then licensed alone at half its
+sustained rate (each connection paced), for the latency a busy server gives,
+and the server's resident memory after all of it. A last line repeats one
+licence's request over and over, for comparison.
 
-    python bench/validate.py [--requests 10000] [--rounds 3] [--connections 16] [--threads 8]
+Every answer is checked: wrk counts non-2xx answers, and the server's own
+``/metrics`` must count exactly as many ``VALID`` answers as wrk sent.
+
+    python bench/validate.py [--licences 10000] [--rounds 3] [--seconds 10] [--connections 32]
 """
 
 from __future__ import annotations
@@ -21,274 +30,293 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from licensed import keys, licensing
+from licensed.config import Config
+from licensed.server import create_server, init_data_dir
+from licensed.services import build_services
 
-BARE_BODY = json.dumps({"valid": True, "code": "VALID"}).encode()
+BODY = json.dumps({"valid": True, "code": "VALID", "activated": True}).encode()
+HOST = "127.0.0.1"
+PLANS = """\
+[products.app]
+name = "App"
+key_prefix = "AP"
 
+[plans.pro-year]
+product = "app"
+name = "App Pro, one year"
+tier = "PRO"
+max_machines = 1
+features = ["sso"]
+duration_days = 365
+"""
 
-# --- the bare server (run as: validate.py --bare) ------------------------------------------
+WRK_SCRIPT = """\
+-- Each wrk thread walks its own share of the request bodies, in order.
+local counter = 0
+function setup(thread)
+  thread:set("index", counter)
+  counter = counter + 1
+end
 
+local bodies = {}
+local next_body = 0
+local pause = 0
+function init(args)
+  local count, n = tonumber(args[2]), 0
+  for line in io.lines(args[1]) do
+    if n % count == index then bodies[#bodies + 1] = line end
+    n = n + 1
+  end
+  pause = tonumber(args[3] or "0")
+  wrk.method = "POST"
+  wrk.headers["Content-Type"] = "application/json"
+end
 
-def bare_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-    stream = environ["wsgi.input"]
-    stream.read(int(environ.get("CONTENT_LENGTH") or 0))
-    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(BARE_BODY)))])
-    return [BARE_BODY]
+function request()
+  next_body = next_body % #bodies + 1
+  return wrk.format(nil, "/api/license/validate", nil, bodies[next_body])
+end
 
+function delay()
+  return pause
+end
 
-def serve_bare(threads: int) -> None:
-    """The bare app under the very server settings ``licensed serve`` uses."""
-    import licensed
-    from config import Config
-
-    server = licensed.create_server(bare_app, Config(port=0, threads=threads))  # type: ignore[arg-type]
-    print(json.dumps({"url": f"http://127.0.0.1:{server.effective_port}"}), flush=True)
-    server.run()
-
-
-# --- the client (run as: validate.py --drive URL) ---------------------------------------
-
-
-def drive(url: str, path: str, body: bytes, connections: int, requests: int) -> dict[str, Any]:
-    """Send ``requests`` POSTs over ``connections`` keep-alive sockets; return timings."""
-    host, port = url.removeprefix("http://").split(":")
-    request = (
-        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n"
-    ).encode() + body
-    per_connection = [requests // connections + (i < requests % connections) for i in range(connections)]
-    latencies: list[list[float]] = [[] for _ in range(connections)]
-    statuses: list[set[int]] = [set() for _ in range(connections)]
-    start = threading.Barrier(connections + 1)
-
-    def run(index: int) -> None:
-        sock = socket.create_connection((host, int(port)))
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        buffer = b""
-        start.wait()
-        for _ in range(per_connection[index]):
-            began = time.perf_counter()
-            sock.sendall(request)
-            while b"\r\n\r\n" not in buffer:
-                buffer += _recv(sock)
-            head, _, buffer = buffer.partition(b"\r\n\r\n")
-            statuses[index].add(int(head.split(b" ", 2)[1]))
-            length = _content_length(head)
-            while len(buffer) < length:
-                buffer += _recv(sock)
-            buffer = buffer[length:]
-            latencies[index].append(time.perf_counter() - began)
-        sock.close()
-
-    workers = [threading.Thread(target=run, args=(i,)) for i in range(connections)]
-    for worker in workers:
-        worker.start()
-    start.wait()
-    began = time.perf_counter()
-    for worker in workers:
-        worker.join()
-    elapsed = time.perf_counter() - began
-    every = sorted(x for chunk in latencies for x in chunk)
-    return {
-        "requests": len(every),
-        "seconds": elapsed,
-        "rps": len(every) / elapsed,
-        "p50_ms": statistics.median(every) * 1000,
-        "p99_ms": every[min(len(every) - 1, int(len(every) * 0.99))] * 1000,
-        "statuses": sorted({s for chunk in statuses for s in chunk}),
-    }
+function done(summary, latency, requests)
+  local errors = summary.errors
+  io.write(string.format(
+    'RESULT {"requests": %d, "seconds": %.3f, "non2xx": %d, "socket_errors": %d, "p50_ms": %.3f, "p99_ms": %.3f}\\n',
+    summary.requests, summary.duration / 1e6, errors.status,
+    errors.connect + errors.read + errors.write + errors.timeout,
+    latency:percentile(50) / 1000, latency:percentile(99) / 1000))
+end
+"""
 
 
-def _recv(sock: socket.socket) -> bytes:
-    data = sock.recv(65536)
-    if not data:
-        raise ConnectionError("server closed the connection")
-    return data
+# --- the constant app (run as: validate.py --constant plain|tuned) ----------------------------
 
 
-def _content_length(head: bytes) -> int:
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            return int(value)
-    raise ValueError("no Content-Length")
+def constant_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(BODY)))])
+    return [BODY]
 
 
-def run_client(url: str, body: bytes, connections: int, requests: int) -> dict[str, Any]:
-    """The client in its own process, so it does not share the servers' GIL."""
-    done = subprocess.run(
+def serve_constant(kind: str, port: int, threads: int) -> None:
+    if kind == "plain":
+        import waitress
+
+        waitress.serve(constant_app, host=HOST, port=port, threads=threads, _quiet=True)
+    else:
+        create_server(constant_app, Config(host=HOST, port=port, threads=threads)).run()  # type: ignore[arg-type]
+
+
+# --- set-up --------------------------------------------------------------------------------------
+
+
+def make_licences(data_dir: Path, count: int) -> list[bytes]:
+    """``count`` licences in one transaction, each activated on its own machine; their bodies."""
+    data_dir.mkdir(mode=0o700)
+    (data_dir / "plans.toml").write_text(PLANS, encoding="utf-8")
+    config = Config(data_dir=data_dir)
+    now = int(time.time())
+    init_data_dir(config, now)
+    services = build_services(config)
+    plan = services.catalog.plans["pro-year"]
+    bodies = []
+    with services.store.atomic():
+        for n in range(count):
+            customer = services.store.upsert_customer(now, email=f"user{n}@example.com")
+            lic = licensing.new_license(
+                plan=plan, customer_id=customer, ring=services.ring, now=now, source="bench"
+            )
+            services.store.insert_license(lic)
+            machine = f"host-{n:05d}.example.net"
+            services.store.add_machine(lic.id, keys.machine_hash(machine), now)
+            body = {"key": services.licensing.key(lic), "machine_id": machine}
+            bodies.append(json.dumps(body, separators=(",", ":")).encode())
+    services.store.close()
+    return bodies
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def start(command: list[str], port: int, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import socket
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((HOST, port), timeout=0.5):
+                return proc
+        except OSError:
+            if proc.poll() is not None:
+                raise SystemExit(f"{command} exited with {proc.returncode}") from None
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit(f"{command} did not listen on {port}")
+
+
+def wrk(port: int, bodies: Path, seconds: float, connections: int, pause_ms: int = 0) -> dict[str, Any]:
+    script = bodies.with_suffix(".lua")
+    threads = 2
+    run = subprocess.run(
         [
-            sys.executable,
-            __file__,
-            "--drive",
-            url,
-            "--connections",
-            str(connections),
-            "--requests",
-            str(requests),
+            "wrk",
+            f"-t{threads}",
+            f"-c{connections}",
+            f"-d{round(seconds)}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(script),
+            f"http://{HOST}:{port}",
+            "--",
+            str(bodies),
+            str(threads),
+            str(pause_ms),
         ],
-        input=body,
         capture_output=True,
+        text=True,
+        timeout=seconds + 60,
         check=True,
-        timeout=600,
     )
-    result: dict[str, Any] = json.loads(done.stdout)
+    line = next(x for x in run.stdout.splitlines() if x.startswith("RESULT "))
+    result: dict[str, Any] = json.loads(line.removeprefix("RESULT "))
+    result["rate"] = result["requests"] / result["seconds"]
+    if result["non2xx"] or result["socket_errors"]:
+        raise SystemExit(f"wrk saw errors: {result}")
     return result
 
 
-# --- the orchestration --------------------------------------------------------------------
+def valid_answers(port: int) -> int:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=10) as answer:  # noqa: S310
+        text = answer.read().decode()
+    for line in text.splitlines():
+        if line.startswith('licensed_license_answers_total{action="validate",code="VALID"}'):
+            return int(line.rsplit(" ", 1)[1])
+    return 0
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux ``/proc``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_for_url(log: Path, process: subprocess.Popen[bytes], timeout: float = 30) -> str:
-    """The URL ``licensed serve`` logs once it listens (one JSON object per line)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text()}")
-        for line in log.read_text().splitlines():
-            entry = json.loads(line)
-            if entry.get("msg") == "listening":
-                return str(entry["url"])
-        time.sleep(0.05)
-    raise TimeoutError("the server did not start")
-
-
-def issue_key(data_dir: Path) -> str:
-    import licensed
-    import licensing
-    from config import Config
-
-    config = Config(data_dir=data_dir)
-    licensed.init_data_dir(config, int(time.time()))
-    services = licensed.build_services(config)
-    try:
-        plan = services.catalog.plans["dashcaddy-pro-year"]
-        lic = licensing.issue_license(
-            services.store, services.ring, plan, email="bench@example.com", now=services.now(), actor="bench"
-        )
-        return licensing.license_key(lic, services.catalog, services.ring, config.app_base_url)
-    finally:
-        services.store.close()
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--requests", type=int, default=10000, help="requests per server (fixed)")
-    parser.add_argument("--connections", type=int, default=16, help="keep-alive client connections")
-    parser.add_argument("--threads", type=int, default=8, help="waitress threads of both servers")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians are reported")
-    parser.add_argument("--no-machine", action="store_true", help="validate without a machine_id")
-    parser.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--drive", metavar="URL", help=argparse.SUPPRESS)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--licences", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--constant", choices=("plain", "tuned"), help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-
-    if args.bare:
-        serve_bare(args.threads)
+    if args.constant:
+        serve_constant(args.constant, args.port, args.threads)
         return
-    if args.drive:
-        body = sys.stdin.buffer.read()
-        print(json.dumps(drive(args.drive, "/api/license/validate", body, args.connections, args.requests)))
-        return
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install wrk")
 
-    with tempfile.TemporaryDirectory(prefix="licensed-bench-") as tmp:
-        data_dir = Path(tmp) / "data"
-        key = issue_key(data_dir)
-        request: dict[str, str] = {"key": key}
-        if not args.no_machine:
-            request["machine_id"] = "bench-machine"
-        body = json.dumps(request).encode()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        started = time.monotonic()
+        bodies = make_licences(work / "data", args.licences)
+        print(f"{len(bodies)} licences, each activated on its own machine ({time.monotonic() - started:.1f} s)")
+        all_bodies, one_body = work / "bodies.txt", work / "one.txt"
+        all_bodies.write_bytes(b"\n".join(bodies) + b"\n")
+        one_body.write_bytes((bodies[0] + b"\n") * 2)  # one line for each wrk thread
+        for path in (all_bodies, one_body):
+            path.with_suffix(".lua").write_text(WRK_SCRIPT)
 
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(ROOT),
-            "DATA_DIR": str(data_dir),
-            "PORT": "0",
-            "THREADS": str(args.threads),
-            "RATE_LIMIT_PER_MINUTE": "0",
+        ports = {name: free_port() for name in ("plain", "tuned", "licensed")}
+        env = {**os.environ, "DATA_DIR": str(work / "data"), "PORT": str(ports["licensed"]), "HOST": HOST}
+        env.update(LOG_LEVEL="WARNING", RATE_LIMIT_PER_MINUTE="0", THREADS=str(args.threads))
+        me = [sys.executable, __file__, "--threads", str(args.threads)]
+        procs = {
+            "plain": start([*me, "--constant", "plain", "--port", str(ports["plain"])], ports["plain"]),
+            "tuned": start([*me, "--constant", "tuned", "--port", str(ports["tuned"])], ports["tuned"]),
+            "licensed": start([sys.executable, "-m", "licensed", "serve"], ports["licensed"], env),
         }
-        bare_cmd = [sys.executable, __file__, "--bare", "--threads", str(args.threads)]
-        app_cmd = [sys.executable, "-m", "licensed", "serve"]
-        processes: list[subprocess.Popen[bytes]] = []
         try:
-            urls: dict[str, str] = {}
-            for name, command in (("bare", bare_cmd), ("licensed", app_cmd)):
-                log = Path(tmp) / f"{name}.log"
-                with log.open("wb") as log_file:
-                    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=log_file)
-                processes.append(process)
-                if name == "bare":
-                    assert process.stdout is not None
-                    urls[name] = json.loads(process.stdout.readline())["url"]
-                else:
-                    urls[name] = wait_for_url(log, process)
-                run_client(urls[name], body, args.connections, max(200, args.requests // 20))  # warm-up
-            # Rounds alternate between the servers, so a burst of load from
-            # elsewhere on the machine does not land on one of them only.
-            pids = {name: process.pid for name, process in zip(urls, processes, strict=True)}
-            rounds: list[dict[str, dict[str, Any]]] = []
-            for _ in range(args.rounds):
-                results: dict[str, dict[str, Any]] = {}
-                for name, url in urls.items():
-                    cpu_before = cpu_seconds(pids[name])
-                    results[name] = run_client(url, body, args.connections, args.requests)
-                    results[name]["cpu_us"] = (cpu_seconds(pids[name]) - cpu_before) / args.requests * 1e6
-                rounds.append(results)
-        finally:
-            for process in processes:
-                process.terminate()
-                process.wait(timeout=10)
+            sent = 0
+            rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in procs}
+            for number in range(1, args.rounds + 1):
+                for name in ("plain", "tuned", "licensed"):
+                    result = wrk(ports[name], all_bodies, args.seconds, args.connections)
+                    rounds[name].append(result)
+                    if name == "licensed":
+                        sent += result["requests"]
+                ratio = rounds["licensed"][-1]["rate"] / rounds["plain"][-1]["rate"]
+                print(
+                    f"round {number}: "
+                    + ", ".join(f"{n} {r[-1]['rate']:.0f}/s" for n, r in rounds.items())
+                    + f"; licensed/plain {ratio:.2f}"
+                )
+            print()
+            print("| server | req/s (median) | p50 ms | p99 ms |")
+            print("|---|---|---|---|")
+            for name, results in rounds.items():
+                print(
+                    f"| {name} | {statistics.median(r['rate'] for r in results):.0f} "
+                    f"| {statistics.median(r['p50_ms'] for r in results):.2f} "
+                    f"| {statistics.median(r['p99_ms'] for r in results):.2f} |"
+                )
+            ratios = [lic["rate"] / plain["rate"] for lic, plain in zip(rounds["licensed"], rounds["plain"], strict=True)]
+            tuned = [t["rate"] / p["rate"] for t, p in zip(rounds["tuned"], rounds["plain"], strict=True)]
+            print(f"\nlicensed / plain: {statistics.median(ratios):.2f} (rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
+            print(f"tuned / plain: {statistics.median(tuned):.2f}")
 
-    print(
-        f"{args.requests} requests per server and round, {args.rounds} rounds, "
-        f"{args.connections} keep-alive connections, {args.threads} waitress threads, "
-        f"{os.cpu_count()} CPUs, validate {'without' if args.no_machine else 'with'} machine_id"
-    )
-    for number, results in enumerate(rounds, start=1):
-        for name, result in results.items():
-            assert result["statuses"] == [200], result
+            sustained = statistics.median(r["rate"] for r in rounds["licensed"])
+            target = sustained / 2
+            pause = max(0, round(args.connections * 1000 / target))
+            paced = wrk(ports["licensed"], all_bodies, args.seconds, args.connections, pause)
+            sent += paced["requests"]
             print(
-                f"round {number} {name:>8}: {result['rps']:7.0f} req/s   p50 {result['p50_ms']:6.2f} ms   "
-                f"p99 {result['p99_ms']:6.2f} ms   server CPU {result['cpu_us']:5.0f} us/request"
+                f"at half the sustained rate ({paced['rate']:.0f}/s, target {target:.0f}/s): "
+                f"p50 {paced['p50_ms']:.2f} ms, p99 {paced['p99_ms']:.2f} ms"
             )
-    for name in ("bare", "licensed"):
-        print(
-            f"median  {name:>8}: {statistics.median(r[name]['rps'] for r in rounds):7.0f} req/s   "
-            f"p50 {statistics.median(r[name]['p50_ms'] for r in rounds):6.2f} ms   "
-            f"p99 {statistics.median(r[name]['p99_ms'] for r in rounds):6.2f} ms   "
-            f"server CPU {statistics.median(r[name]['cpu_us'] for r in rounds):5.0f} us/request"
-        )
-    ratios = [r["licensed"]["rps"] / r["bare"]["rps"] for r in rounds]
-    cpu_ratios = [r["bare"]["cpu_us"] / r["licensed"]["cpu_us"] for r in rounds]
-    print(
-        f"ratio licensed/bare in req/s: {', '.join(f'{x:.2f}' for x in ratios)};"
-        f" median {statistics.median(ratios):.2f} (goal >= 0.75)"
-    )
-    # On a machine busy with other work, req/s follow the CPU share each server
-    # happens to get; the CPU each request costs the server is the steadier figure.
-    print(
-        f"ratio by server CPU per request (bare/licensed): {', '.join(f'{x:.2f}' for x in cpu_ratios)};"
-        f" median {statistics.median(cpu_ratios):.2f}"
-    )
+            print(f"licensed RSS after the run: {rss_mib(procs['licensed'].pid):.1f} MiB")
+
+            single = wrk(ports["licensed"], one_body, args.seconds, args.connections)
+            sent += single["requests"]
+            print(f"one licence over and over (for comparison): {single['rate']:.0f}/s")
+            counted = valid_answers(ports["licensed"])
+            # wrk stops with requests in flight: the server may have answered a few more.
+            in_flight = args.connections * (args.rounds + 2)
+            print(f"VALID answers counted by the server: {counted} ({sent} completed in wrk)")
+            if not sent <= counted <= sent + in_flight:
+                raise SystemExit("the server did not answer VALID to every request")
+        finally:
+            for proc in procs.values():
+                proc.terminate()
+            for proc in procs.values():
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
 
 
 if __name__ == "__main__":
