@@ -95,7 +95,8 @@ end
 function done(summary, latency, requests)
   local errors = summary.errors
   io.write(string.format(
-    'RESULT {"requests": %d, "seconds": %.3f, "non2xx": %d, "socket_errors": %d, "p50_ms": %.3f, "p99_ms": %.3f}\\n',
+    'RESULT {"requests": %d, "seconds": %.3f, "non2xx": %d, "socket_errors": %d, '
+    .. '"p50_ms": %.3f, "p99_ms": %.3f}\\n',
     summary.requests, summary.duration / 1e6, errors.status,
     errors.connect + errors.read + errors.write + errors.timeout,
     latency:percentile(50) / 1000, latency:percentile(99) / 1000))
@@ -209,7 +210,7 @@ def wrk(port: int, bodies: Path, seconds: float, connections: int, pause_ms: int
 def valid_answers(port: int) -> int:
     import urllib.request
 
-    with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=10) as answer:  # noqa: S310
+    with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=10) as answer:
         text = answer.read().decode()
     for line in text.splitlines():
         if line.startswith('licensed_license_answers_total{action="validate",code="VALID"}'):
@@ -244,7 +245,8 @@ def main() -> None:
         work = Path(tmp)
         started = time.monotonic()
         bodies = make_licences(work / "data", args.licences)
-        print(f"{len(bodies)} licences, each activated on its own machine ({time.monotonic() - started:.1f} s)")
+        took = time.monotonic() - started
+        print(f"{len(bodies)} licences, each activated on its own machine ({took:.1f} s)")
         all_bodies, one_body = work / "bodies.txt", work / "one.txt"
         all_bodies.write_bytes(b"\n".join(bodies) + b"\n")
         one_body.write_bytes((bodies[0] + b"\n") * 2)  # one line for each wrk thread
@@ -284,9 +286,11 @@ def main() -> None:
                     f"| {statistics.median(r['p50_ms'] for r in results):.2f} "
                     f"| {statistics.median(r['p99_ms'] for r in results):.2f} |"
                 )
-            ratios = [lic["rate"] / plain["rate"] for lic, plain in zip(rounds["licensed"], rounds["plain"], strict=True)]
+            pairs = zip(rounds["licensed"], rounds["plain"], strict=True)
+            ratios = [lic["rate"] / plain["rate"] for lic, plain in pairs]
             tuned = [t["rate"] / p["rate"] for t, p in zip(rounds["tuned"], rounds["plain"], strict=True)]
-            print(f"\nlicensed / plain: {statistics.median(ratios):.2f} (rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
+            each = ", ".join(f"{r:.2f}" for r in ratios)
+            print(f"\nlicensed / plain: {statistics.median(ratios):.2f} (rounds: {each})")
             print(f"tuned / plain: {statistics.median(tuned):.2f}")
 
             sustained = statistics.median(r["rate"] for r in rounds["licensed"])

@@ -56,6 +56,20 @@ def _text(value: str) -> str:
     return value.strip()
 
 
+MIN_TOKEN_LENGTH = 32
+
+
+def _bearer_token(value: str) -> str:
+    """A token guarding a route: long enough that guessing it is hopeless."""
+    token = _text(value)
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise ValueError(
+            f"must be at least {MIN_TOKEN_LENGTH} characters"
+            " (python3 -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
+    return token
+
+
 def _webhook_secrets(value: str) -> tuple[str, ...]:
     secrets = tuple(part.strip() for part in value.split(",") if part.strip())
     for secret in secrets:
@@ -114,8 +128,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("STRIPE_API_BASE", "stripe_api_base", _url),
     Setting("DATA_DIR", "data_dir", lambda v: Path(_text(v)), Path("data")),
     Setting("PLANS_FILE", "plans_file", lambda v: Path(_text(v))),
-    Setting("ADMIN_TOKEN", "admin_token", _text),
-    Setting("INTERNAL_API_KEY", "internal_api_key", _text),
+    Setting("ADMIN_TOKEN", "admin_token", _bearer_token),
+    Setting("INTERNAL_API_KEY", "internal_api_key", _bearer_token),
     Setting("SMTP_URL", "smtp_url", _smtp_url),
     Setting("MAIL_FROM", "mail_from", _mail_from),
     Setting("OIDC_ISSUER", "oidc_issuer", _url),
@@ -198,6 +212,8 @@ class Config:
                         raise ConfigError(f"{name}: {err}") from err
                     break
         _check_oidc(kwargs)
+        if kwargs.get("admin_token") and kwargs.get("admin_token") == kwargs.get("internal_api_key"):
+            raise ConfigError("ADMIN_TOKEN and INTERNAL_API_KEY must differ: each opens other routes")
         if kwargs.get("oidc_issuer") and not kwargs.get("oidc_jwks_url"):
             kwargs["oidc_jwks_url"] = kwargs["oidc_issuer"] + "/jwks"
         if bool(kwargs.get("smtp_url")) != bool(kwargs.get("mail_from")):

@@ -38,6 +38,10 @@ def init_data_dir(config: Config, now: int) -> list[str]:
     if not config.data_dir.exists():
         config.data_dir.mkdir(mode=0o700, parents=True)
         done.append(f"created {config.data_dir}")
+    elif config.data_dir.stat().st_mode & 0o077:
+        # Signing keys and the database live here: nobody else may even list it.
+        config.data_dir.chmod(0o700)
+        done.append(f"made {config.data_dir} private (0700)")
     if not any(config.keys_dir.glob(f"*{keys.KEY_SUFFIX}")):
         key = keys.create_key(config.keys_dir)
         done.append(f"created signing key {key.kid}")

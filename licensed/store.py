@@ -18,6 +18,7 @@ import os
 import secrets
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, fields
@@ -27,6 +28,10 @@ from typing import Any
 from .errors import Conflict, StorageUnavailable
 
 BUSY_TIMEOUT_MS = 5000
+PROBE_SECONDS = 2.0
+"""How long a successful writability probe is trusted (health checks come often)."""
+MIN_FREE_BYTES = 1024 * 1024
+"""Below this much free disk a commit may fail to grow the WAL: the probe says so first."""
 
 PRAGMAS: tuple[tuple[str, str, object], ...] = (
     # (pragma, value set, value expected when read back)
@@ -294,6 +299,7 @@ class Store:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
+        self._probed_at = -PROBE_SECONDS
 
     # --- connections and transactions ---------------------------------------
 
@@ -471,10 +477,38 @@ class Store:
     def set_last_reconcile_at(self, now: int) -> None:
         self.put_setting(self.LAST_RECONCILE, str(now), now)
 
-    def check_writable(self, now: int) -> None:
-        """Commit one small write: proves the file and its disk accept writes."""
-        with self.atomic():
-            self.put_setting("health.checked_at", str(now), now)
+    def probe_writable(self) -> None:
+        """Raise :class:`errors.StorageUnavailable` unless a write would succeed now, writing nothing.
+
+        The checks a commit would meet, without committing: the database and
+        its WAL writable by this process (an immutable or read-only file), room
+        on the disk for the WAL to grow, and the write lock obtainable
+        (``BEGIN IMMEDIATE``, then ``ROLLBACK``: a connection that can only
+        read fails here). A success is remembered for :data:`PROBE_SECONDS`, so
+        a flood of health checks takes the write lock at most that often.
+        """
+        if time.monotonic() - self._probed_at < PROBE_SECONDS:
+            return
+        wal = self.path.with_name(self.path.name + "-wal")
+        for path in (self.path, wal):
+            if path.exists() and not os.access(path, os.W_OK):
+                raise StorageUnavailable(f"{path.name} cannot be written")
+        try:
+            disk = os.statvfs(self.path.parent)
+        except OSError as err:
+            raise StorageUnavailable(f"cannot read the data dir's file system: {err}") from err
+        if disk.f_bavail * disk.f_frsize < MIN_FREE_BYTES:
+            raise StorageUnavailable("the disk holding the database is full")
+        conn = self.conn
+        if conn.in_transaction:
+            return  # this thread is inside a write already
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+        except sqlite3.Error as err:
+            self._discard(conn)
+            raise StorageUnavailable(f"the database cannot be written: {err}") from err
+        self._probed_at = time.monotonic()
 
     # --- Stripe events, payments, disputes ------------------------------------------
 
@@ -1056,6 +1090,7 @@ class Store:
         copy made in several steps would restart whenever another connection
         writes. The copy is switched out of WAL so it is one self-contained file.
         """
+        private_file(target)
         try:
             dest = sqlite3.connect(target, isolation_level=None)
             try:
@@ -1119,9 +1154,26 @@ def _statements(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]
 
 
+def private_file(path: Path) -> None:
+    """Make ``path`` (created empty if missing) readable by its owner only, whatever the umask.
+
+    SQLite gives the WAL and shared-memory files the database file's mode, so
+    a private database keeps its companions private too.
+    """
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)
+    except OSError as err:
+        raise StorageUnavailable(f"cannot make {path} private: {err.strerror or err}") from err
+
+
 def open_store(path: Path, now: int) -> Store:
-    """Open (creating if needed) and migrate the database."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Open (creating if needed) and migrate the database; it and its WAL are kept 0600."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for companion in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if companion == path or companion.exists():
+            private_file(companion)
     store = Store(path)
     store.migrate(now)
     return store

@@ -229,6 +229,6 @@ def test_restore_by_copying_the_backup_back(services: Services, clock: FrozenClo
         check = restored.licensing.check
         assert check(licensing.LicenseRequest(key=key), T0)["code"] == "VALID"
         assert check(licensing.LicenseRequest(key=later), T0)["code"] == "NOT_FOUND"
-        restored.store.check_writable(T0)
+        restored.store.probe_writable()
     finally:
         restored.store.close()

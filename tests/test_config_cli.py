@@ -81,6 +81,9 @@ def one_line_failure(done: subprocess.CompletedProcess[str]) -> str:
         ("THREADS", "many"),
         ("MAX_BODY_BYTES", "0"),
         ("HOST", "   "),
+        ("ADMIN_TOKEN", "a"),
+        ("ADMIN_TOKEN", "x" * 31),
+        ("INTERNAL_API_KEY", "short-internal-key"),
     ],
 )
 def test_malformed_setting_names_the_variable(name: str, value: str) -> None:
@@ -88,6 +91,20 @@ def test_malformed_setting_names_the_variable(name: str, value: str) -> None:
     with pytest.raises(ConfigError) as caught:
         Config.from_mapping({name: value, **extra})
     assert caught.value.message.startswith(f"{name}: ")
+
+
+def test_the_admin_token_and_the_internal_key_must_differ() -> None:
+    token = "t" * 40
+    with pytest.raises(ConfigError, match="ADMIN_TOKEN and INTERNAL_API_KEY must differ"):
+        Config.from_mapping({"ADMIN_TOKEN": token, "INTERNAL_API_KEY": token})
+    config = Config.from_mapping({"ADMIN_TOKEN": token, "INTERNAL_API_KEY": "u" * 32})
+    assert (config.admin_token, config.internal_api_key) == (token, "u" * 32)
+
+
+def test_a_weak_admin_token_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    done = run_cli("serve", env={"DATA_DIR": str(tmp_path / "data"), "ADMIN_TOKEN": "a", "PORT": "0"})
+    assert done.returncode == 2
+    assert "ADMIN_TOKEN: must be at least 32 characters" in one_line_failure(done)
 
 
 def test_smtp_needs_mail_from() -> None:

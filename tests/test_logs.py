@@ -150,16 +150,17 @@ def test_any_record_becomes_one_json_line(msg: str, extra: dict[str, Any]) -> No
 def test_configured_secrets_are_masked_as_literals() -> None:
     config = Config.from_mapping(
         {
-            "ADMIN_TOKEN": "plain-admin-token",
-            "INTERNAL_API_KEY": "plain-internal-key",
+            "ADMIN_TOKEN": "plain-admin-token-0123456789abcdefghij",
+            "INTERNAL_API_KEY": "plain-internal-key-0123456789abcdefgh",
             "SMTP_URL": "smtp://mailer:pa%24%24word@127.0.0.1:2525",
             "MAIL_FROM": "shop@example.com",
         }
     )
     secrets = redact.config_secrets(config)
-    text = "tokens plain-admin-token plain-internal-key pa$$word pa%24%24word"
+    configured = ("plain-admin-token-0123456789abcdefghij", "plain-internal-key-0123456789abcdefgh")
+    text = f"tokens {configured[0]} {configured[1]} pa$$word pa%24%24word"
     cleaned = redact.Redactor(secrets).clean({"msg": text})["msg"]
-    for secret in ("plain-admin-token", "plain-internal-key", "pa$$word", "pa%24%24word"):
+    for secret in (*configured, "pa$$word", "pa%24%24word"):
         assert secret not in cleaned
 
 
@@ -209,8 +210,8 @@ def test_served_process_logs_no_secrets(tmp_path: Path) -> None:
     secrets = {
         "STRIPE_SECRET_KEY": "sk_test_51Hq9SecretStripeKeyAbCdEf",
         "STRIPE_WEBHOOK_SECRET": "whsec_OldSecretAbCdEf0123,whsec_NewSecretAbCdEf4567",
-        "ADMIN_TOKEN": "adm-Q9x7-unguessable-token",
-        "INTERNAL_API_KEY": "int-Z2k4-unguessable-key",
+        "ADMIN_TOKEN": "adm-Q9x7-unguessable-token-0123456789",
+        "INTERNAL_API_KEY": "int-Z2k4-unguessable-key-01234567890",
         "SMTP_URL": "smtp://mailer:smtp-Pw-9a8b7c@127.0.0.1:2525",
     }
     data = tmp_path / "data"

@@ -14,7 +14,7 @@ def routes(services: Services) -> list[Route]:
     def health(request: Request) -> Response:
         now = services.now()
         store = services.store
-        store.check_writable(now)
+        store.probe_writable()
         warnings = [w for w in (admin.unmapped_purchases_warning(store),) if w]
         return Response(
             {
