@@ -214,8 +214,6 @@ class Config:
         _check_oidc(kwargs)
         if kwargs.get("admin_token") and kwargs.get("admin_token") == kwargs.get("internal_api_key"):
             raise ConfigError("ADMIN_TOKEN and INTERNAL_API_KEY must differ: each opens other routes")
-        if kwargs.get("oidc_issuer") and not kwargs.get("oidc_jwks_url"):
-            kwargs["oidc_jwks_url"] = kwargs["oidc_issuer"] + "/jwks"
         if bool(kwargs.get("smtp_url")) != bool(kwargs.get("mail_from")):
             raise ConfigError("SMTP_URL and MAIL_FROM go together: set both or neither")
         return cls(**kwargs)

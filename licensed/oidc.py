@@ -83,6 +83,11 @@ ALGORITHMS: dict[str, tuple[str, frozenset[str] | None]] = {
 }
 """The accepted signature algorithms: asymmetric only."""
 
+ACCEPTED_TYPES = frozenset({"at+jwt", "application/at+jwt", "jwt"})
+"""``typ`` headers of access tokens (RFC 9068, and plain JWT); an ID token or a logout
+token carries another one, or none of these."""
+DISCOVERY_PATH = "/.well-known/openid-configuration"
+
 
 @dataclass(frozen=True)
 class Identity:
@@ -131,7 +136,8 @@ class OidcVerifier:
     ) -> None:
         self.issuer = issuer.rstrip("/")
         self.audience = audience
-        self.jwks_url = jwks_url or f"{self.issuer}/jwks"
+        self.jwks_url = jwks_url
+        """Configured, or read from the provider's discovery document on first use."""
         self.timeout = timeout
         self.max_bytes = max_bytes
         self.leeway = leeway
@@ -167,7 +173,14 @@ class OidcVerifier:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as err:
-            raise InvalidBearerToken("the access token is not a JWT") from err
+            # Logto and others hand out opaque tokens unless a resource is asked for.
+            raise InvalidBearerToken(
+                f"the access token is not a JWT: request it for the API resource {self.audience}"
+                " (OIDC_AUDIENCE), so the provider issues a JWT"
+            ) from err
+        typ = header.get("typ")
+        if typ is not None and (not isinstance(typ, str) or typ.lower() not in ACCEPTED_TYPES):
+            raise InvalidBearerToken("the token is not an access token (typ)")
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in ALGORITHMS:
             shown = str(alg)[:20]
@@ -295,9 +308,21 @@ class OidcVerifier:
                 raise InvalidBearerToken("the access token is signed by a key the provider does not publish")
             return keyset
 
+    def _jwks_location(self) -> str:
+        """The JWKS URL: configured, or the discovery document's ``jwks_uri`` (fetched once)."""
+        if self.jwks_url is None:
+            document = _json_object(self._download(self.issuer + DISCOVERY_PATH), "discovery document")
+            if str(document.get("issuer", "")).rstrip("/") != self.issuer:
+                raise OidcUnavailable("the provider's discovery document names another issuer")
+            location = document.get("jwks_uri")
+            if not isinstance(location, str) or not location.lower().startswith(("https://", "http://")):
+                raise OidcUnavailable("the provider's discovery document has no http(s) jwks_uri")
+            self.jwks_url = location
+        return self.jwks_url
+
     def _fetch_locked(self, now: int) -> _KeySet:
         try:
-            keys = parse_jwks(self._download())
+            keys = parse_jwks(self._download(self._jwks_location()))
         except OidcUnavailable as err:
             self._last_failure = now
             log.warning(
@@ -311,10 +336,10 @@ class OidcVerifier:
         log.info("fetched identity provider keys", extra={"url": self.jwks_url, "kids": sorted(keys)})
         return keyset
 
-    def _download(self) -> bytes:
-        """The JWKS document: at most ``max_bytes``, within ``timeout`` seconds."""
-        request = urllib.request.Request(  # noqa: S310 - the URL is a configured http(s) URL
-            self.jwks_url, headers={"Accept": "application/json", "User-Agent": "licensed"}
+    def _download(self, url: str) -> bytes:
+        """A document of the provider: at most ``max_bytes``, within ``timeout`` seconds."""
+        request = urllib.request.Request(  # noqa: S310 - a configured or discovered http(s) URL
+            url, headers={"Accept": "application/json", "User-Agent": "licensed"}
         )
         deadline = time.monotonic() + self.timeout
         try:
@@ -323,7 +348,7 @@ class OidcVerifier:
                 # isascii first: "²".isdigit() is true, and int("²") raises.
                 if declared and declared.isascii() and declared.isdigit() and int(declared) > self.max_bytes:
                     raise OidcUnavailable(
-                        f"the identity provider's JWKS is larger than {self.max_bytes} bytes"
+                        f"the identity provider's answer is larger than {self.max_bytes} bytes"
                     )
                 chunks: list[bytes] = []
                 size = 0
@@ -331,18 +356,28 @@ class OidcVerifier:
                     size += len(chunk)
                     if size > self.max_bytes:
                         raise OidcUnavailable(
-                            f"the identity provider's JWKS is larger than {self.max_bytes} bytes"
+                            f"the identity provider's answer is larger than {self.max_bytes} bytes"
                         )
                     if time.monotonic() > deadline:
-                        raise OidcUnavailable("the identity provider's JWKS took too long to arrive")
+                        raise OidcUnavailable("the identity provider's answer took too long to arrive")
                     chunks.append(chunk)
                 return b"".join(chunks)
         except urllib.error.HTTPError as err:
-            raise OidcUnavailable(f"the identity provider's JWKS answered HTTP {err.code}") from err
+            raise OidcUnavailable(f"the identity provider answered HTTP {err.code} for {url}") from err
         except urllib.error.URLError as err:
             raise OidcUnavailable(f"the identity provider could not be reached: {err.reason}") from err
         except (OSError, http.client.HTTPException) as err:
             raise OidcUnavailable(f"the identity provider could not be reached: {err}") from err
+
+
+def _json_object(body: bytes, what: str) -> dict[str, Any]:
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        raise OidcUnavailable(f"the identity provider's {what} is not JSON") from err
+    if not isinstance(document, dict):
+        raise OidcUnavailable(f"the identity provider's {what} is not a JSON object")
+    return document
 
 
 def parse_jwks(body: bytes) -> dict[str, dict[str, Any]]:

@@ -58,7 +58,7 @@ def oidc_enabled() -> bool:
 
 @pytest.fixture
 def config(data_dir: Path, provider: Provider, oidc_enabled: bool) -> Config:
-    """The server's settings name the provider's issuer; the JWKS URL is the default ``<issuer>/jwks``."""
+    """The server's settings name the provider's issuer; the JWKS URL comes from its discovery document."""
     values = {"DATA_DIR": str(data_dir), "APP_BASE_URL": "http://licensed.test"}
     if oidc_enabled:
         values.update({"OIDC_ISSUER": provider.issuer, "OIDC_AUDIENCE": AUDIENCE})
@@ -376,14 +376,14 @@ def test_half_given_oidc_settings_stop_start_up(values: dict[str, str], named: s
 @pytest.mark.parametrize(
     ("values", "jwks_url"),
     [
-        ({"OIDC_ISSUER": "https://t.logto.app/oidc/", "OIDC_AUDIENCE": "a"}, "https://t.logto.app/oidc/jwks"),
+        ({"OIDC_ISSUER": "https://t.logto.app/oidc/", "OIDC_AUDIENCE": "a"}, None),
         (
             {"OIDC_ISSUER": "https://t.logto.app/oidc", "OIDC_AUDIENCE": "a", "OIDC_JWKS_URL": "https://k/j"},
             "https://k/j",
         ),
     ],
 )
-def test_complete_oidc_settings(values: dict[str, str], jwks_url: str) -> None:
+def test_complete_oidc_settings(values: dict[str, str], jwks_url: str | None) -> None:
     config = Config.from_mapping(values)
     verifier = oidc.OidcVerifier.from_config(config)
     assert verifier is not None
@@ -575,3 +575,41 @@ def test_verifier_rejects_tokens_before_any_fetch(provider: Provider) -> None:
         with pytest.raises(InvalidBearerToken):
             verifier.verify(token, T0)
     assert provider.requests == 0
+
+
+# --- what an access token is, and where its keys are ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("typ", "accepted"),
+    [("at+jwt", True), ("JWT", True), (None, True), ("logout+jwt", False), ("dpop+jwt", False)],
+)
+def test_only_access_token_types_are_accepted(
+    live: Live, provider: Provider, typ: str | None, accepted: bool
+) -> None:
+    token = provider.token(int(live.clock()), headers={"typ": typ})
+    answer = get_status(live, token)
+    if accepted:
+        assert answer.status_code == 200, answer.text
+    else:
+        assert "typ" in assert_error(answer, 401, "INVALID_TOKEN")
+
+
+def test_an_opaque_token_is_told_to_ask_for_the_audience(live: Live) -> None:
+    message = assert_error(get_status(live, "opaque-8f2b4c1d9e"), 401, "INVALID_TOKEN")
+    assert AUDIENCE in message and "OIDC_AUDIENCE" in message
+
+
+def test_keys_are_found_through_the_discovery_document_once(live: Live, provider: Provider) -> None:
+    for n in range(3):
+        token = provider.token(int(live.clock()), sub=f"user-{n}")
+        assert get_status(live, token).status_code == 200
+    assert provider.discovery_requests == 1
+    assert live.services.oidc is not None and live.services.oidc.jwks_url == provider.jwks_url
+
+
+def test_a_discovery_document_for_another_issuer_is_refused(live: Live, provider: Provider) -> None:
+    provider.discovered_issuer = "http://127.0.0.1:1/someone-else"
+    token = provider.token(int(live.clock()))
+    message = assert_error(get_status(live, token), 503, "OIDC_UNAVAILABLE")
+    assert "another issuer" in message

@@ -1,6 +1,7 @@
 """A local identity provider for tests: real keys, a real JWKS endpoint, signed tokens.
 
-Shaped like Logto: issuer ``http://127.0.0.1:<port>/oidc``, keys at
+Shaped like Logto: issuer ``http://127.0.0.1:<port>/oidc``, a discovery document
+at ``<issuer>/.well-known/openid-configuration`` naming the keys at
 ``<issuer>/jwks``, an EC P-384 key signing ES384 first. Keys are made here
 with ``cryptography`` and tokens are signed with PyJWT; the JWKS server is
 ``http.server`` in a thread and counts the requests it gets.
@@ -66,6 +67,9 @@ class Provider:
         self.signing = key
         self.mode = "ok"  # ok | error | huge[_undeclared] | garbage | no_usable_keys | stall
         self.requests = 0
+        self.discovery_requests = 0
+        self.discovered_issuer: str | None = None
+        """The issuer the discovery document names (None: the real one)."""
         self.release = threading.Event()
         self._lock = threading.Lock()
         provider = self
@@ -73,7 +77,8 @@ class Provider:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 with provider._lock:
-                    provider.requests += 1
+                    if self.path != "/oidc/.well-known/openid-configuration":
+                        provider.requests += 1  # key set fetches; discovery counts apart
                 status, body = provider._answer(self.path)
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -103,6 +108,14 @@ class Provider:
         return f"{self.issuer}/jwks"
 
     def _answer(self, path: str) -> tuple[int, bytes]:
+        if path == "/oidc/.well-known/openid-configuration":
+            self.discovery_requests += 1
+            document = {
+                "issuer": self.discovered_issuer or self.issuer,
+                "jwks_uri": self.jwks_url,
+                "id_token_signing_alg_values_supported": [self.signing.alg],
+            }
+            return 200, json.dumps(document).encode()
         if path != "/oidc/jwks":
             return 404, b'{"error":"not found"}'
         if self.mode == "error":
