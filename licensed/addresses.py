@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from email import errors as email_errors
+from email.header import decode_header, make_header
 from email.headerregistry import Address
 
 from .errors import InvalidEmail
@@ -61,13 +62,27 @@ def check_address(value: object) -> str:
 
 
 def check_display_name(value: object) -> str | None:
-    """A display name safe for a header (``None`` when blank), or :class:`errors.InvalidEmail`."""
+    """A display name safe for a header (``None`` when blank), or :class:`errors.InvalidEmail`.
+
+    Checked after decoding: a name written as RFC 2047 encoded words
+    (``=?utf-8?q?…?=``) can hide a line break that some Python versions
+    put into the header when they fold it (CVE-2024-6923), so encoded
+    words are decoded first and the decoded text is what is checked, and
+    kept: the name is encoded again, safely, when a header is built.
+    """
     if value is None:
         return None
     if not isinstance(value, str):
         raise InvalidEmail("the name must be text")
     if has_control(value):
         raise InvalidEmail("the name contains a line break or control character")
+    if "=?" in value:
+        try:
+            value = str(make_header(decode_header(value)))
+        except (ValueError, LookupError, UnicodeError, email_errors.HeaderParseError) as err:
+            raise InvalidEmail("the name holds a malformed encoded word") from err
+        if has_control(value):
+            raise InvalidEmail("the name hides a line break or control character in an encoded word")
     name = value.strip()
     if len(name) > MAX_NAME_LENGTH:
         raise InvalidEmail(f"the name is longer than {MAX_NAME_LENGTH} characters")

@@ -184,6 +184,13 @@ class InvalidEmail(ValidationFailed):
     default_message = "not a valid e-mail address"
 
 
+class MailUndeliverable(LicensedError):
+    """A queued message that can never be sent as it is (bad recipient, unknown kind,
+    licence gone, headers not as built): it is marked failed, not retried."""
+
+    code = "MAIL_UNDELIVERABLE"
+
+
 class MailUnavailable(ServiceUnavailable):
     """The SMTP server cannot be reached, refuses TLS or refuses the login."""
 

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 from .addresses import has_control, mailbox, parse_mailbox
-from .errors import ConfigError, LicensedError, MailUnavailable, ValidationFailed
+from .errors import ConfigError, LicensedError, MailUnavailable, MailUndeliverable, ValidationFailed
 from .outbox import KIND_LICENSE_KEY, KIND_LICENSE_KEY_RESEND, KINDS
 
 if TYPE_CHECKING:
@@ -401,10 +401,6 @@ def new_message_id(domain: str) -> str:
     return f"<licensed.{secrets.token_hex(12)}@{domain}>"
 
 
-class _Permanent(Exception):
-    """A message that can never be sent as queued (bad recipient, unknown kind, licence gone)."""
-
-
 def build_message(
     services: Services, row: sqlite3.Row, sender: Address, now: int
 ) -> tuple[EmailMessage, str]:
@@ -413,12 +409,12 @@ def build_message(
     try:
         recipient = mailbox(row["to_addr"], row["to_name"])
     except ValidationFailed as err:
-        raise _Permanent(f"invalid recipient: {err.message}") from err
+        raise MailUndeliverable(f"invalid recipient: {err.message}") from err
     if row["kind"] not in KINDS:
-        raise _Permanent(f"unknown kind of mail {row['kind']!r}")
+        raise MailUndeliverable(f"unknown kind of mail {row['kind']!r}")
     lic = store.get_license(row["license_id"]) if row["license_id"] else None
     if lic is None:
-        raise _Permanent("the license of this message no longer exists")
+        raise MailUndeliverable("the license of this message no longer exists")
     catalog = services.catalog
     product = catalog.products.get(lic.product)
     plan = catalog.plans.get(lic.plan)
@@ -441,7 +437,43 @@ def build_message(
     msg["Auto-Submitted"] = "auto-generated"
     msg.set_content(rendered.text)
     msg.add_alternative(rendered.html, subtype="html")
+    check_headers(msg.as_bytes())
     return msg, recipient.addr_spec
+
+
+MESSAGE_HEADERS = (
+    "Subject",
+    "From",
+    "To",
+    "Date",
+    "Message-ID",
+    "Auto-Submitted",
+    "MIME-Version",
+    "Content-Type",
+)
+
+
+def check_headers(raw: bytes) -> None:
+    """The message as it will be sent carries exactly the headers built here, once each.
+
+    The last line of defence against header injection, whatever the Python
+    version's folding does: a name or subject that smuggled in a line break
+    would show here as a header nobody set, or as the headers pushed into
+    the body; such a message is never sent.
+    """
+    head, sep, _body = raw.partition(b"\r\n\r\n") if b"\r\n\r\n" in raw else raw.partition(b"\n\n")
+    if not sep:
+        raise MailUndeliverable("the message has no header section")
+    names: list[str] = []
+    for line in head.splitlines():
+        if line[:1] in (b" ", b"\t"):
+            continue  # a folded continuation of the previous header
+        name, colon, _value = line.partition(b":")
+        if not colon or not name or any(c <= 32 or c >= 127 for c in name):
+            raise MailUndeliverable("the message's headers are malformed")
+        names.append(name.decode("ascii"))
+    if sorted(names) != sorted(MESSAGE_HEADERS):
+        raise MailUndeliverable(f"the message's headers are not the ones built: {', '.join(names)}")
 
 
 def send_due(
@@ -508,7 +540,7 @@ def _send_one(
     fields = {"outbox_id": outbox_id, "license_id": row["license_id"], "attempt": attempts}
     try:
         msg, recipient = build_message(services, row, sender, now)
-    except _Permanent as err:
+    except MailUndeliverable as err:
         store.fail_mail(outbox_id, attempts, str(err))
         summary.failed += 1
         log.error("mail failed", extra={**fields, "error": str(err)})

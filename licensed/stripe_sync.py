@@ -504,10 +504,17 @@ class EventProcessor:
         customer = self.store.get_customer(lic.customer_id)
         if customer is None or not customer["email"]:
             return
+        name = customer["name"]
         try:
-            outbox.queue_mail(
-                self.store, lic.id, outbox.KIND_LICENSE_KEY, customer["email"], customer["name"], now
+            name = addresses.check_display_name(name)
+        except InvalidEmail as err:
+            # A name Stripe holds that no header may carry: the key still goes, without it.
+            log.warning(
+                "buyer's name left out of the key mail", extra={"license_id": lic.id, "error": err.message}
             )
+            name = None
+        try:
+            outbox.queue_mail(self.store, lic.id, outbox.KIND_LICENSE_KEY, customer["email"], name, now)
         except InvalidEmail as err:
             log.warning("license key not mailed", extra={"license_id": lic.id, "error": err.message})
 

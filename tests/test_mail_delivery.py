@@ -19,13 +19,14 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 import pytest
+from support import stripe_events as se
 from support.clock import T0, FrozenClock
 from support.live import Live
 from support.smtp_sink import DROP, SmtpSink, make_certificate, server_context
 
-from licensed import licensing, mailer
+from licensed import addresses, licensing, mailer
 from licensed.config import Config
-from licensed.errors import MailUnavailable
+from licensed.errors import InvalidEmail, MailUnavailable, MailUndeliverable
 from licensed.services import Services, build_services
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,6 +111,66 @@ def licensed_cli(config: Config, *args: str, **extra: str) -> subprocess.Complet
         text=True,
         timeout=60,
     )
+
+
+# --- header injection ----------------------------------------------------------------------------
+
+ENCODED_INJECTION = "=?utf-8?q?x=0D=0AReply-To:_a@evil.example=0D=0A=0D=0Ahello?="
+"""A checkout name that is an RFC 2047 encoded word hiding CR LF: on Python builds without the
+CVE-2024-6923 fix, folding it into To: wrote an extra Reply-To header and pushed the real
+headers into the body."""
+BUILT_HEADERS = sorted(
+    [b"Auto-Submitted", b"Content-Type", b"Date", b"From", b"MIME-Version", b"Message-ID", b"Subject", b"To"]
+)
+
+
+def test_an_encoded_word_cannot_inject_a_header(live: Live, sink: SmtpSink) -> None:
+    """A buyer's name from Stripe (signed webhook) with CR LF hidden in an encoded word: the key mail
+    arrives with exactly the headers built, the name left out, no Reply-To, nothing in the body."""
+    services = live.services
+    services.config = replace(services.config, stripe_webhook_secrets=(se.SECRET,))
+    session = se.checkout_session(
+        session_id=se.uid("cs"), mode="payment", payment_intent="pi_inject", plan="pro-year"
+    )
+    session["customer_details"]["name"] = ENCODED_INJECTION
+    body, headers = se.signed(se.event("checkout.session.completed", session, T0), T0)
+    answer = live.http.post(live.url + "/api/stripe/webhook", data=body, headers=headers, timeout=10)
+    assert answer.status_code == 200, answer.text
+    assert mailer.send_due(services, services.now()).sent == 1
+    raw = sink.received[0].raw
+    head = raw.partition(b"\r\n\r\n")[0]
+    names = sorted(line.split(b":")[0] for line in head.split(b"\r\n") if line[:1] not in (b" ", b"\t"))
+    assert names == BUILT_HEADERS
+    assert b"evil.example" not in raw
+    assert b"Reply-To" not in raw
+
+
+def test_a_message_whose_headers_are_not_as_built_is_never_sent() -> None:
+    built = b"From: a@b.example\r\nTo: x@y.example\r\nReply-To: a@evil.example\r\n\r\nbody"
+    with pytest.raises(MailUndeliverable, match="Reply-To"):
+        mailer.check_headers(built)
+    with pytest.raises(MailUndeliverable):
+        mailer.check_headers(b"no header section at all")
+
+
+@pytest.mark.parametrize(
+    ("name", "kept"),
+    [
+        ("=?utf-8?q?J=C3=BCrgen?=", "Jürgen"),
+        ("=?utf-8?b?QWRh?= Lovelace", "Ada Lovelace"),
+        ("Plain Name", "Plain Name"),
+    ],
+)
+def test_encoded_names_are_decoded_before_they_are_checked(name: str, kept: str) -> None:
+    assert addresses.check_display_name(name) == kept
+
+
+@pytest.mark.parametrize(
+    "name", [ENCODED_INJECTION, "=?utf-8?b?SmFuZQ0KQmNjOiB2QGV4YW1wbGUub3Jn?=", "=?utf-8?q?a=00b?="]
+)
+def test_encoded_names_hiding_controls_are_refused(name: str) -> None:
+    with pytest.raises(InvalidEmail):
+        addresses.check_display_name(name)
 
 
 # --- the message ---------------------------------------------------------------------------------

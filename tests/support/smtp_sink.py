@@ -39,6 +39,8 @@ class Received:
     message: EmailMessage
     tls: bool
     login: str | None
+    raw: bytes
+    """The DATA exactly as it arrived."""
 
 
 class _FreePortController(Controller):
@@ -72,6 +74,7 @@ class _Handler:
             message=message,
             tls=server.transport.get_extra_info("ssl_object") is not None,
             login=login,
+            raw=bytes(envelope.content),
         )
         with sink.lock:
             sink.received.append(received)
