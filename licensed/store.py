@@ -340,6 +340,7 @@ class Store:
                 conn.close()
             self._all.clear()
         self._local = threading.local()
+        self._probed_at = -PROBE_SECONDS
 
     @contextmanager
     def atomic(self) -> Iterator[sqlite3.Connection]:
@@ -401,6 +402,7 @@ class Store:
         without this a fault that has been cleared would go on failing the
         writes of whichever threads met it.
         """
+        self._probed_at = -PROBE_SECONDS  # a storage error: the next probe looks again
         if getattr(self._local, "conn", None) is conn:
             self._local.conn = None
         with self._all_lock:

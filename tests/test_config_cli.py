@@ -127,7 +127,7 @@ def test_good_settings() -> None:
     assert config.stripe_webhook_secrets == ("whsec_a", "whsec_b")
     assert config.website_url == "https://shop.example.com"
     assert len(config.trusted_proxies) == 2
-    assert config.oidc_jwks_url == "https://tenant.example.com/oidc/jwks"
+    assert config.oidc_jwks_url is None  # found through the discovery document
 
 
 def test_env_file(tmp_path: Path) -> None:

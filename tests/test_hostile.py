@@ -393,7 +393,7 @@ def test_identity_provider_with_a_hostile_content_length(length: str) -> None:
         verifier = oidc.OidcVerifier(f"http://127.0.0.1:{port}/oidc", "api://licensed")
 
         def fetch() -> None:
-            assert verifier._download() == body
+            assert verifier._download(f"http://127.0.0.1:{port}/oidc/jwks") == body
 
         only_licensed_errors(fetch)
     finally:

@@ -56,7 +56,7 @@ def free_port() -> int:
 def make_data_dir(path: Path, plans: str | None = None) -> Path:
     """A data dir holding the test plans (the server creates its signing key itself)."""
     if plans is None:
-        from conftest import TEST_PLANS
+        from support.plans import TEST_PLANS
 
         plans = TEST_PLANS
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
