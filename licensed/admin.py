@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import addresses, keys, licensing, stripe_sync
+from . import addresses, identities, keys, licensing, stripe_sync
 from .errors import Conflict, NotFound, ValidationFailed, WebhookFailed
 from .plans import Plan
 from .services import Services
@@ -44,7 +44,7 @@ def license_record(store: Store, lic: License, now: int) -> dict[str, Any]:
     Never the key: these records also go into the audit trail and the export.
     """
     customer = store.get_customer(lic.customer_id)
-    record = licensing.license_view(lic, store.count_machines(lic.id))
+    record = licensing.license_view(lic, store.count_machines(lic.id, lic.seated_since(now)))
     record.update(
         {
             "entitlement": licensing.entitlement(lic, now),
@@ -548,3 +548,25 @@ def resend(services: Services, actor: str, now: int, license_id: str) -> dict[st
         return {"mail": {"id": mail_id, "to": customer["email"]}}
 
     return _change(services, actor, now, license_id, "license.resend", mutate)
+
+
+def link_identity(services: Services, actor: str, now: int, *, sub: str, email: str) -> dict[str, Any]:
+    """Link a signed-in user (the identity provider's ``sub``) to the customers with ``email``.
+
+    For users whose access tokens carry no e-mail (Logto's default): once
+    linked, their licences show in ``/api/subscriptions/status`` and the
+    billing portal opens for them. Customers another user owns are left alone.
+    """
+    sub = sub.strip()
+    if not 0 < len(sub) <= 255:
+        raise ValidationFailed("sub must be 1..255 characters")
+    email = addresses.check_address(email)
+    store = services.store
+    with store.atomic():
+        candidates = store.unlinked_customer_ids_by_email(email)
+        if not candidates and not store.licenses_by_email(email):
+            raise NotFound(f"no customer with the e-mail {email}", code="CUSTOMER_NOT_FOUND")
+        linked = [c for c in candidates if identities.link_customer(store, c, sub, now, via=f"admin:{actor}")]
+        owned = store.customer_ids_for_sub(sub)
+        licenses = store.licenses_of_customers(owned)
+    return {"sub": sub, "email": email, "linked": linked, "licenses": [x.id for x in licenses]}

@@ -83,7 +83,7 @@ def result(services: Services, session_id: str, now: int) -> dict[str, Any]:
     lic = services.store.find_license("stripe_checkout_session_id", session_id)
     if lic is None:
         return {"status": "pending"}
-    view = licensing.license_view(lic, services.store.count_machines(lic.id))
+    view = licensing.license_view(lic, services.store.count_machines(lic.id, lic.seated_since(now)))
     if now - lic.created_at <= KEY_SHOWN_SECONDS:
         view["key"] = services.licensing.key(lic)
         return {"status": "complete", "license": view}

@@ -95,6 +95,10 @@ def _add_admin_commands(admin_cmd: Any) -> None:
 
     verb("stats", "licenses by plan and state, events today, mail backlog")
 
+    link_cmd = verb("link", "link a signed-in user (OIDC sub) to the customers with an e-mail address")
+    link_cmd.add_argument("--sub", required=True, help="the identity provider's subject of the user")
+    link_cmd.add_argument("--email", required=True)
+
     audit_cmd = verb("audit", "the audit trail, newest first")
     audit_cmd.add_argument("--license", dest="license_id")
     audit_cmd.add_argument("--actor")
@@ -136,6 +140,8 @@ def _admin_command(services: Services, args: argparse.Namespace, actor: str, now
         return admin.events(services, actor, now, status=args.status, limit=args.limit)
     if name == "stats":
         return admin.stats(services, actor, now)
+    if name == "link":
+        return admin.link_identity(services, actor, now, sub=args.sub, email=args.email)
     if name == "replay":
         return admin.replay(services, actor, now, args.event_id)
     if name == "audit":

@@ -186,6 +186,7 @@ def new_license(
         status_reason=None,
         paid_through=None if is_lifetime else paid_through,
         grace_days=plan.grace_days,
+        release_after_days=plan.release_after_days,
         lifetime=is_lifetime,
         subscription_status=None,
         cancel_at_period_end=False,
@@ -298,6 +299,10 @@ class LicenseRequest:
     key: str
     machine_id: str | None = None
     product: str | None = None
+    label: str | None = None
+    """What the installation calls its machine (e.g. the host name), shown to the customer."""
+    machine: str | None = None
+    """A machine's public id (from the machines list), naming a machine other than the caller's."""
 
     @classmethod
     def from_body(cls, body: dict[str, Any], machine_required: bool) -> LicenseRequest:
@@ -306,7 +311,14 @@ class LicenseRequest:
         machine_id = body.get("machine_id")
         if machine_required and machine_id is None:
             raise ValidationFailed("machine_id is required")
-        return cls(key=body["key"], machine_id=machine_id, product=body.get("product"))
+        label = body.get("label")
+        return cls(
+            key=body["key"],
+            machine_id=machine_id,
+            product=body.get("product"),
+            label=label.strip() or None if isinstance(label, str) else None,
+            machine=body.get("machine"),
+        )
 
 
 class Licensing:
@@ -330,7 +342,9 @@ class Licensing:
         """The licence's current key, re-derived from its row."""
         return license_key(lic, self.catalog, self.ring, self.issuer)
 
-    def _read(self, req: LicenseRequest) -> tuple[License, keys.ParsedKey, Seat | None] | dict[str, Any]:
+    def _read(
+        self, req: LicenseRequest, now: int
+    ) -> tuple[License, keys.ParsedKey, Seat | None] | dict[str, Any]:
         """The licence a key names with the machine's seat, or the outcome that stops the request."""
         try:
             parsed = keys.parse_license_key(req.key, self.catalog, self.ring)
@@ -339,7 +353,7 @@ class Licensing:
         if req.product is not None and req.product != parsed.product.id:
             return {"valid": False, "code": PRODUCT_MISMATCH}
         hashes = machine_hashes(req.machine_id) if req.machine_id is not None else ()
-        lic, seen_hash, seen_at, used = self.store.license_seats(parsed.claims["sub"], hashes)
+        lic, seen_hash, seen_at, used = self.store.license_seats(parsed.claims["sub"], hashes, now)
         if lic is None or lic.product != parsed.product.id:
             return {"valid": False, "code": NOT_FOUND}
         seat = Seat(hashes[0], seen_hash, seen_at, used) if hashes else None
@@ -347,18 +361,18 @@ class Licensing:
 
     def check(self, req: LicenseRequest, now: int) -> dict[str, Any]:
         """Validate (and, with a machine id, activate when a seat is free)."""
-        read = self._read(req)
+        read = self._read(req, now)
         if isinstance(read, dict):
             return read
         lic, parsed, seat = read
         code = entitlement(lic, now)
         activated = False
-        used = seat.used if seat is not None else self.store.count_machines(lic.id)
+        used = seat.used if seat is not None else self.store.count_machines(lic.id, lic.seated_since(now))
         if code in VALID_CODES:
             if lic.key_kid != self.ring.current.kid:
                 lic = self._restamped(lic, now)
             if seat is not None:
-                activated, used = self._seat(lic, seat, now)
+                activated, used = self._seat(lic, seat, now, req.label)
                 if not activated:
                     code = TOO_MANY_MACHINES
         answer: dict[str, Any] = {
@@ -393,12 +407,15 @@ class Licensing:
             log.warning("key not re-issued: the database cannot be written", extra={"license": lic.id})
             return lic
 
-    def _seat(self, lic: License, seat: Seat, now: int) -> tuple[bool, int]:
+    def _seat(self, lic: License, seat: Seat, now: int, label: str | None) -> tuple[bool, int]:
         """Take a seat for the machine, or confirm it has one; never over the limit.
 
         Returns whether the machine has a seat, and how many seats are taken. A
         write re-reads the seats inside its transaction (``BEGIN IMMEDIATE``
         serialises writers), so concurrent activations never exceed the limit.
+        A seat is stamped seen at most hourly, its label with it; machines not
+        seen for the plan's ``release_after_days`` are released before a new
+        seat is counted.
         """
         if (
             seat.seen_at is not None
@@ -408,13 +425,16 @@ class Licensing:
             return True, seat.used
         try:
             with self.store.atomic():
-                seen_hash, used = self.store.machine_state(lic.id, seat.hashes())
+                seated_since = lic.seated_since(now)
+                seen_hash, used = self.store.machine_state(lic.id, seat.hashes(), seated_since)
                 if seen_hash is not None:
-                    self.store.touch_machine(lic.id, seen_hash, seat.machine_hash, now)
+                    self.store.touch_machine(lic.id, seen_hash, seat.machine_hash, now, label)
                     return True, used
                 if used >= lic.max_machines:
                     return False, used
-                self.store.add_machine(lic.id, seat.machine_hash, now)
+                if seated_since:
+                    self.store.release_stale_machines(lic.id, seated_since)
+                self.store.add_machine(lic.id, seat.machine_hash, now, label)
                 return True, used + 1
         except StorageUnavailable:
             if seat.seen_at is None:
@@ -423,15 +443,20 @@ class Licensing:
             return True, seat.used
 
     def deactivate(self, req: LicenseRequest, now: int) -> dict[str, Any]:
-        assert req.machine_id is not None
-        read = self._read(req)
+        """Free a seat: the caller's machine (``machine_id``), or another one named by its
+        public id (``machine``, from :meth:`machines`), e.g. a server that died."""
+        read = self._read(req, now)
         if isinstance(read, dict):
             return {**read, "deactivated": False}
         lic, _parsed, seat = read
-        assert seat is not None  # a machine id was given
         with self.store.atomic():
-            removed = self.store.remove_machine(lic.id, seat.hashes())
-            used = self.store.count_machines(lic.id)
+            if seat is not None:
+                removed = self.store.remove_machine(lic.id, seat.hashes())
+            elif req.machine is not None:
+                removed = self.store.remove_machine_by_public_id(lic.id, req.machine)
+            else:
+                raise ValidationFailed("give machine_id or machine")
+            used = self.store.count_machines(lic.id, lic.seated_since(now))
         return {
             "valid": entitlement(lic, now) in VALID_CODES,
             "code": DEACTIVATED if removed else MACHINE_NOT_ACTIVATED,
@@ -439,11 +464,44 @@ class Licensing:
             "license": license_view(lic, used),
         }
 
+    def machines(self, req: LicenseRequest, now: int) -> dict[str, Any]:
+        """The machines holding the licence's seats, as its customer may see them."""
+        read = self._read(req, now)
+        if isinstance(read, dict):
+            return {**read, "machines": []}
+        lic = read[0]
+        return {
+            "valid": entitlement(lic, now) in VALID_CODES,
+            "machines": machine_views(self.store, lic, now),
+        }
+
     def require_plan(self, plan_id: str) -> Plan:
         plan = self.catalog.plans.get(plan_id)
         if plan is None:
             raise NotFound(f"no plan {plan_id!r}")
         return plan
+
+
+def machine_views(store: Store, lic: License, now: int) -> list[dict[str, Any]]:
+    """The machines holding seats: public id, label, when activated and last seen."""
+    return [
+        {
+            "id": row["public_id"],
+            "label": row["label"],
+            "activated_at": iso(int(row["activated_at"])),
+            "last_seen_at": iso(int(row["last_seen_at"])),
+        }
+        for row in store.machines_of(lic.id, lic.seated_since(now))
+    ]
+
+
+def release_machine(store: Store, lic: License, public_id: str, now: int, actor: str) -> bool:
+    """Free one seat by the machine's public id (the account page's Release button); audited."""
+    with store.atomic():
+        removed = store.remove_machine_by_public_id(lic.id, public_id)
+        if removed:
+            store.audit(now, actor, "license.release_machine", lic.id, None, {"machine": public_id})
+    return removed
 
 
 @dataclass(frozen=True)

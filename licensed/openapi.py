@@ -35,6 +35,12 @@ def string(min_length: int = 1, max_length: int = 256, **extra: Any) -> Schema:
     return {"type": "string", "minLength": min_length, "maxLength": max_length, **extra}
 
 
+def one_of(schema: Schema, *names: str) -> Schema:
+    """``schema`` (an object) where exactly one of the fields ``names`` must be given."""
+    branches = [{"required": [n], "properties": {n: {"type": "string"}}} for n in names]
+    return {**schema, "oneOf": branches}
+
+
 def obj(properties: dict[str, Schema], required: Iterable[str] = ()) -> Schema:
     return {
         "type": "object",
@@ -91,6 +97,8 @@ def _object_checker(schema: Schema, where: str) -> Checker:
     props: dict[str, Schema] = schema.get("properties", {})
     fields = tuple((name, checker(sub, _join(where, name))) for name, sub in props.items())
     closed = frozenset(props) if schema.get("additionalProperties") is False else None
+    # "oneOf" here is only ever a choice between fields: exactly one of them is given.
+    choice = tuple(name for branch in schema.get("oneOf", ()) for name in branch["required"])
 
     def check_object(value: Any) -> None:
         if not isinstance(value, dict):
@@ -98,6 +106,8 @@ def _object_checker(schema: Schema, where: str) -> Checker:
         for name, label in required:
             if value.get(name) is None:
                 raise ValidationFailed(f"{label} is required")
+        if choice and sum(value.get(name) is not None for name in choice) != 1:
+            raise ValidationFailed(f"exactly one of {' or '.join(choice)} is required")
         for name, check_field in fields:
             field = value.get(name)
             if field is not None:

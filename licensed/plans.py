@@ -38,6 +38,7 @@ stripe_price = "price_dashcaddy_pro_monthly"   # one Stripe price maps to one pl
 max_machines = 1
 features = ["sso", "recipes", "swarm"]
 grace_days = 7                                  # after the paid period, while the subscription lives
+release_after_days = 30                         # a machine not seen for 30 days frees its seat
 
 # A one-time purchase valid for a year.
 [plans.dashcaddy-pro-year]
@@ -48,6 +49,7 @@ stripe_price = "price_dashcaddy_pro_year"
 max_machines = 1
 features = ["sso", "recipes", "swarm"]
 duration_days = 365
+release_after_days = 30
 
 # A lifetime licence, issued by hand (licensed admin issue --plan dashcaddy-lifetime).
 [plans.dashcaddy-lifetime]
@@ -58,6 +60,7 @@ max_machines = 3
 features = ["sso", "recipes", "swarm"]
 lifetime = true
 public = false
+release_after_days = 30
 """
 
 
@@ -82,6 +85,8 @@ class Plan:
     lifetime: bool
     public: bool
     revoke_on_partial_refund: bool
+    release_after_days: int | None = None
+    """A machine not seen for this many days holds no seat (None: seats are held until released)."""
 
     @property
     def mode(self) -> str:
@@ -100,6 +105,7 @@ class Plan:
             "grace_days": self.grace_days,
             "duration_days": self.duration_days,
             "lifetime": self.lifetime,
+            "release_after_days": self.release_after_days,
             "purchasable": self.stripe_price is not None,
         }
 
@@ -229,6 +235,7 @@ class _Reader:
                 "lifetime",
                 "public",
                 "revoke_on_partial_refund",
+                "release_after_days",
             },
         )
         product = self.get(where, t, "product", str)
@@ -252,6 +259,9 @@ class _Reader:
         lifetime = self.get(where, t, "lifetime", bool, False)
         if lifetime and duration is not None:
             raise self.fail(where, "lifetime and duration_days exclude each other")
+        release = self.get(where, t, "release_after_days", int, None)
+        if release is not None and not 1 <= release <= 3650:
+            raise self.fail(f"{where}.release_after_days", "must be 1..3650")
         price = self.get(where, t, "stripe_price", str, None)
         return Plan(
             id=pid,
@@ -266,6 +276,7 @@ class _Reader:
             lifetime=lifetime,
             public=self.get(where, t, "public", bool, True),
             revoke_on_partial_refund=self.get(where, t, "revoke_on_partial_refund", bool, False),
+            release_after_days=release,
         )
 
     def no_extra(self, where: str, table: dict[str, Any], allowed: set[str]) -> None:

@@ -207,6 +207,18 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         ALTER TABLE customers ADD COLUMN stripe_version TEXT NOT NULL DEFAULT '';
         """,
     ),
+    (
+        "machine labels and public ids",
+        # A machine is named to its customer by an opaque id (never its machine id or
+        # hash) and the label its installation gave, e.g. the host name.
+        """
+        ALTER TABLE machines ADD COLUMN public_id TEXT;
+        ALTER TABLE machines ADD COLUMN label TEXT;
+        ALTER TABLE licenses ADD COLUMN release_after_days INTEGER;
+        UPDATE machines SET public_id = 'mch_' || lower(hex(randomblob(10))) WHERE public_id IS NULL;
+        CREATE UNIQUE INDEX machines_public_id ON machines (public_id);
+        """,
+    ),
 )
 
 
@@ -252,6 +264,12 @@ class License:
     period_start: int | None = None
     """The subscription's current period as Stripe last said (not necessarily paid)."""
     period_end: int | None = None
+    release_after_days: int | None = None
+    """From the plan: a machine not seen for this many days holds no seat."""
+
+    def seated_since(self, now: int) -> int:
+        """Machines last seen before this hold no seat."""
+        return 0 if self.release_after_days is None else now - self.release_after_days * 86400
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> License:
@@ -700,24 +718,55 @@ class Store:
 
     # --- machines ---------------------------------------------------------------
 
-    def count_machines(self, license_id: str) -> int:
-        row = self.one("SELECT COUNT(*) FROM machines WHERE license_id = ?", (license_id,))
+    def count_machines(self, license_id: str, seated_since: int = 0) -> int:
+        """Seats taken: machines seen at or after ``seated_since`` (see :meth:`license_seats`)."""
+        row = self.one(
+            "SELECT COUNT(*) FROM machines WHERE license_id = ? AND last_seen_at >= ?",
+            (license_id, seated_since),
+        )
         return int(row[0]) if row else 0
 
-    def add_machine(self, license_id: str, machine_hash: str, now: int) -> None:
+    def add_machine(self, license_id: str, machine_hash: str, now: int, label: str | None = None) -> str:
+        """Seat a machine; returns its public id."""
+        public_id = new_id("mch")
         self.execute(
-            "INSERT INTO machines (license_id, machine_hash, activated_at, last_seen_at) VALUES (?, ?, ?, ?)",
-            (license_id, machine_hash, now, now),
+            "INSERT INTO machines (license_id, machine_hash, public_id, label, activated_at, last_seen_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (license_id, machine_hash, public_id, label, now, now),
+        )
+        return public_id
+
+    def touch_machine(
+        self, license_id: str, seen_hash: str, machine_hash: str, now: int, label: str | None = None
+    ) -> None:
+        """Stamp the machine seen now (and its new label, if it sent one); a row stored under an
+        older spelling's hash takes the canonical one."""
+        self.execute(
+            "UPDATE machines SET last_seen_at = ?, machine_hash = ?, label = COALESCE(?, label)"
+            " WHERE license_id = ? AND machine_hash = ?",
+            (now, machine_hash, label, license_id, seen_hash),
         )
 
-    def touch_machine(self, license_id: str, seen_hash: str, machine_hash: str, now: int) -> None:
-        """Stamp the machine seen now; a row stored under an older spelling's hash takes the
-        canonical one."""
-        self.execute(
-            "UPDATE machines SET last_seen_at = ?, machine_hash = ?"
-            " WHERE license_id = ? AND machine_hash = ?",
-            (now, machine_hash, license_id, seen_hash),
+    def release_stale_machines(self, license_id: str, seated_since: int) -> int:
+        """Free the seats of machines not seen since ``seated_since``."""
+        cursor = self.execute(
+            "DELETE FROM machines WHERE license_id = ? AND last_seen_at < ?", (license_id, seated_since)
         )
+        return cursor.rowcount
+
+    def machines_of(self, license_id: str, seated_since: int = 0) -> list[sqlite3.Row]:
+        """The machines holding seats, as their customer may see them (no hashes)."""
+        return self.all(
+            "SELECT public_id, label, activated_at, last_seen_at FROM machines"
+            " WHERE license_id = ? AND last_seen_at >= ? ORDER BY activated_at, id",
+            (license_id, seated_since),
+        )
+
+    def remove_machine_by_public_id(self, license_id: str, public_id: str) -> bool:
+        cursor = self.execute(
+            "DELETE FROM machines WHERE license_id = ? AND public_id = ?", (license_id, public_id)
+        )
+        return cursor.rowcount > 0
 
     def remove_machine(self, license_id: str, hashes: Sequence[str]) -> bool:
         """Free the seat of the machine stored under any of ``hashes``."""
@@ -925,20 +974,22 @@ class Store:
         )
 
     def license_seats(
-        self, license_id: str, hashes: Sequence[str]
+        self, license_id: str, hashes: Sequence[str], now: int
     ) -> tuple[License | None, str | None, int | None, int]:
         """The licence, the hash and ``last_seen_at`` of the row that seats a machine stored
         under any of ``hashes`` (the first preferred; None: no seat), and the seats taken.
 
-        One statement: a validation needs all of it.
+        A machine not seen for the licence's ``release_after_days`` holds no seat:
+        it is neither counted nor found. One statement: a validation needs all of it.
         """
         row = self.one(
-            f"SELECT {LICENSE_SELECT}, m.machine_hash, m.last_seen_at,"
-            " (SELECT COUNT(*) FROM machines WHERE license_id = licenses.id)"
-            " FROM licenses LEFT JOIN machines m"
-            f" ON m.license_id = licenses.id AND m.machine_hash IN ({_marks(hashes)})"
-            " WHERE licenses.id = ? ORDER BY m.machine_hash = ? DESC LIMIT 1",
-            (*hashes, license_id, hashes[0] if hashes else None),
+            f"WITH l AS (SELECT {LICENSE_SELECT}, {_SEATED_SINCE} AS seated_since FROM licenses WHERE id = ?)"
+            f" SELECT l.*, m.machine_hash, m.last_seen_at,"
+            " (SELECT COUNT(*) FROM machines WHERE license_id = l.id AND last_seen_at >= l.seated_since)"
+            " FROM l LEFT JOIN machines m ON m.license_id = l.id"
+            f" AND m.machine_hash IN ({_marks(hashes)}) AND m.last_seen_at >= l.seated_since"
+            " ORDER BY m.machine_hash = ? DESC LIMIT 1",
+            (now, license_id, *hashes, hashes[0] if hashes else None),
         )
         if row is None:
             return None, None, None, 0
@@ -950,14 +1001,17 @@ class Store:
             int(used),
         )
 
-    def machine_state(self, license_id: str, hashes: Sequence[str]) -> tuple[str | None, int]:
+    def machine_state(
+        self, license_id: str, hashes: Sequence[str], seated_since: int
+    ) -> tuple[str | None, int]:
         """The hash of the row that seats the machine (the first of ``hashes`` preferred;
-        None: no seat) and the seats taken, in one read."""
+        None: no seat) and the seats taken, in one read; machines last seen before
+        ``seated_since`` hold none."""
         row = self.one(
-            "SELECT (SELECT machine_hash FROM machines WHERE license_id = ?1"
-            f" AND machine_hash IN ({_marks(hashes, start=3)}) ORDER BY machine_hash = ?2 DESC LIMIT 1),"
-            " (SELECT COUNT(*) FROM machines WHERE license_id = ?1)",
-            (license_id, hashes[0], *hashes),
+            "SELECT (SELECT machine_hash FROM machines WHERE license_id = ?1 AND last_seen_at >= ?3"
+            f" AND machine_hash IN ({_marks(hashes, start=4)}) ORDER BY machine_hash = ?2 DESC LIMIT 1),"
+            " (SELECT COUNT(*) FROM machines WHERE license_id = ?1 AND last_seen_at >= ?3)",
+            (license_id, hashes[0], seated_since, *hashes),
         )
         if row is None:
             return None, 0
@@ -997,8 +1051,8 @@ class Store:
 
     def machine_rows(self, license_id: str) -> list[sqlite3.Row]:
         return self.all(
-            "SELECT id, machine_hash, activated_at, last_seen_at FROM machines WHERE license_id = ?"
-            " ORDER BY activated_at, id",
+            "SELECT id, public_id, label, machine_hash, activated_at, last_seen_at FROM machines"
+            " WHERE license_id = ? ORDER BY activated_at, id",
             (license_id,),
         )
 
@@ -1141,6 +1195,12 @@ def integrity_check(path: Path) -> list[str]:
             conn.close()
     except sqlite3.Error as err:
         return [str(err)]
+
+
+_SEATED_SINCE = (
+    "CASE WHEN licenses.release_after_days IS NULL THEN 0 ELSE ?1 - licenses.release_after_days * 86400 END"
+)
+"""SQL of :meth:`License.seated_since` for the row, with ``now`` as parameter 1."""
 
 
 def _marks(values: Sequence[Any], start: int = 0) -> str:

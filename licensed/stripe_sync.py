@@ -684,6 +684,7 @@ class EventProcessor:
                 lic.tier = plan.tier
                 lic.features = list(plan.features)
                 lic.grace_days = plan.grace_days
+                lic.release_after_days = plan.release_after_days
                 lic.max_machines = min(MAX_MACHINES, plan.max_machines * quantity)
                 lic.stripe_price_id = id_of(subscription_price(sub)) or lic.stripe_price_id
         trial_end = sub.get("trial_end")

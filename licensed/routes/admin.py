@@ -17,6 +17,7 @@ from ..admin import (
     find,
     generate,
     issue,
+    link_identity,
     reinstate,
     remove_machine,
     replay,
@@ -66,6 +67,7 @@ GENERATE_BODY = openapi.obj(
     required=["email"],
 )
 EXTEND_BODY = openapi.obj({"days": {**_INT, "minimum": 1, "maximum": MAX_DAYS}, "paid_through": _TIME})
+LINK_BODY = openapi.obj({"sub": openapi.string(1, 255), "email": _EMAIL_FIELD}, required=["sub", "email"])
 REMOVE_MACHINE_BODY = openapi.obj(
     {
         "machine_id": openapi.string(1, 256),
@@ -192,6 +194,12 @@ class AdminApi:
             )
         )
 
+    def link(self, request: Request) -> Response:
+        body = request.parsed
+        return Response(
+            link_identity(self.services, ADMIN_ACTOR, self._now(), sub=body["sub"], email=body["email"])
+        )
+
     def debug_store(self, request: Request) -> Response:
         _only(request.query, ())
         return Response(stream=export(self.services, ADMIN_ACTOR, self._now()))
@@ -279,6 +287,13 @@ def routes(services: Services, failures: RateLimiter | None = None) -> list[Rout
             api.audit,
             "The audit trail, newest first",
             query=("license_id", "actor", "before_id", "limit"),
+        ),
+        admin(
+            "POST",
+            "/api/admin/identities",
+            api.link,
+            "Link a signed-in user (OIDC sub) to the customers with an e-mail address",
+            body=LINK_BODY,
         ),
         admin("GET", "/api/admin/debug/store", api.debug_store, "Streamed export without keys or secrets"),
         Route(

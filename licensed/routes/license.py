@@ -7,14 +7,52 @@ from ..licensing import ALL_CODES, MACHINE_ID_PATTERN, LicenseRequest
 from ..services import Services
 from ..web import Request, Response, Route
 
+KEY = openapi.string(1, 8192)
+MACHINE_ID = openapi.string(1, 256, pattern=MACHINE_ID_PATTERN)
 LICENSE_BODY = openapi.obj(
     {
-        "key": openapi.string(1, 8192),
-        "machine_id": openapi.string(1, 256, pattern=MACHINE_ID_PATTERN),
+        "key": KEY,
+        "machine_id": MACHINE_ID,
         "product": openapi.string(1, 64),
+        "label": openapi.string(1, 64, pattern=MACHINE_ID_PATTERN),
     },
     required=["key"],
 )
+DEACTIVATE_BODY = openapi.one_of(
+    openapi.obj(
+        {
+            "key": KEY,
+            "machine_id": MACHINE_ID,
+            "machine": openapi.string(1, 64, pattern="^mch_[A-Za-z0-9_-]{1,60}$"),
+            "product": openapi.string(1, 64),
+        },
+        required=["key"],
+    ),
+    "machine_id",
+    "machine",
+)
+MACHINES_BODY = openapi.obj({"key": KEY, "product": openapi.string(1, 64)}, required=["key"])
+MACHINES_ANSWER: openapi.Schema = {
+    "type": "object",
+    "required": ["machines"],
+    "properties": {
+        "valid": {"type": "boolean"},
+        "code": {"type": "string", "enum": list(ALL_CODES)},
+        "machines": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["id", "label", "activated_at", "last_seen_at"],
+                "properties": {
+                    "id": {"type": "string", "description": "opaque and stable; never the machine id"},
+                    "label": {"type": ["string", "null"]},
+                    "activated_at": {"type": "string", "format": "date-time"},
+                    "last_seen_at": {"type": "string", "format": "date-time"},
+                },
+            },
+        },
+    },
+}
 LICENSE_VIEW: openapi.Schema = {
     "type": "object",
     "properties": {
@@ -59,8 +97,12 @@ def routes(services: Services) -> list[Route]:
         return Response(licensing.check(req, services.now()))
 
     def deactivate(request: Request) -> Response:
-        req = LicenseRequest.from_body(request.parsed, machine_required=True)
+        req = LicenseRequest.from_body(request.parsed, machine_required=False)
         return Response(licensing.deactivate(req, services.now()))
+
+    def machines(request: Request) -> Response:
+        req = LicenseRequest.from_body(request.parsed, machine_required=False)
+        return Response(licensing.machines(req, services.now()))
 
     return [
         Route(
@@ -83,8 +125,16 @@ def routes(services: Services) -> list[Route]:
             "POST",
             "/api/license/deactivate",
             deactivate,
-            "Free a machine's seat",
-            body={**LICENSE_BODY, "required": ["key", "machine_id"]},
+            "Free a machine's seat: this one (machine_id), or one from the machines list (machine)",
+            body=DEACTIVATE_BODY,
             response=LICENSE_ANSWER,
+        ),
+        Route(
+            "POST",
+            "/api/license/machines",
+            machines,
+            "The machines holding the licence's seats",
+            body=MACHINES_BODY,
+            response=MACHINES_ANSWER,
         ),
     ]

@@ -15,7 +15,7 @@ def routes(services: Services) -> list[Route]:
         now = services.now()
         store = services.store
         licenses = store.licenses_of_customers(identities.customers_of(store, identity, now))
-        used = {lic.id: store.count_machines(lic.id) for lic in licenses}
+        used = {lic.id: store.count_machines(lic.id, lic.seated_since(now)) for lic in licenses}
         return Response(status_answer(licenses, used, now))
 
     return [
