@@ -14,18 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import requests
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-from server_proc import ServerProcess, issue_keys, make_data_dir  # noqa: E402
+from harness import issue_keys, make_data_dir, start_server
 
 WORKERS = 64
 
@@ -98,8 +93,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = make_data_dir(Path(tmp) / "data")
         payloads = bodies(data, args.licences)
-        server = ServerProcess(data, extra_env={"LOG_LEVEL": "WARNING"})
-        server.start()
+        server = start_server(data)
         url = server.url
         try:
             heading = f"validate with machine_id, {args.licences} licences, open loop"

@@ -9,6 +9,9 @@ are all lost). Then, in one process:
   so it should cost one page of events whatever N is;
 - full: ``Reconciler.full``, which walks every subscription (nightly).
 
+The emulator runs in a child process: this script again, with the hidden
+``--localstripe PORT`` (localstripe bound to 127.0.0.1, its pickle file off).
+
 Usage: python bench/reconcile.py [--sizes 100,1000] [--overlap 2]
 """
 
@@ -19,43 +22,74 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+import stripe
+from harness import HOST, free_port, make_data_dir
 
-import stripe  # noqa: E402
-from conftest import TEST_PLANS  # noqa: E402
-from localstripe_fixtures import Emulator, free_port, wait_for  # noqa: E402
+from licensed.config import Config
+from licensed.server import init_data_dir
+from licensed.services import build_services
+from licensed.stripe_api import StripeGateway
+from licensed.stripe_sync import Reconciler
 
-import licensed  # noqa: E402
-import stripe_sync  # noqa: E402
-from config import Config  # noqa: E402
+SECRET_KEY = "sk_test_bench"
+
+
+def serve_localstripe(port: int) -> None:
+    """localstripe on 127.0.0.1 only (it binds every interface by default), saving nothing:
+    it would otherwise write its store to /tmp/localstripe.pickle after each change and
+    load it at the next start."""
+    from aiohttp import web
+    from localstripe import resources, server
+
+    resources.Store.dump_to_disk = lambda self: None  # type: ignore[method-assign]
+    resources.Store.try_load_from_disk = lambda self: None  # type: ignore[method-assign]
+    web.run_app(server.app, host=HOST, port=port, print=None, access_log=None)
+
+
+@dataclass
+class Emulator:
+    url: str
+    client: stripe.StripeClient
+
+    def call(self, method: str, path: str, **params: Any) -> dict[str, Any]:
+        data: dict[str, Any] = self.client.raw_request(method, path, **params).data
+        return data
+
+    def customer(self, email: str) -> dict[str, Any]:
+        token = self.call(
+            "post",
+            "/v1/tokens",
+            card={"number": "4242424242424242", "exp_month": "12", "exp_year": "2030", "cvc": "123"},
+        )
+        return self.call("post", "/v1/customers", email=email, name="Grace Buyer", source=token["id"])
 
 
 def start_emulator() -> tuple[subprocess.Popen[bytes], Emulator]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "localstripe_server.py"), str(port)],
+        [sys.executable, __file__, "--localstripe", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://{HOST}:{port}"
     client = stripe.StripeClient(
-        "sk_test_bench", base_addresses={"api": url}, http_client=stripe.new_default_http_client(timeout=30)
+        SECRET_KEY, base_addresses={"api": url}, http_client=stripe.new_default_http_client(timeout=30)
     )
     emu = Emulator(url, client)
-
-    def up() -> bool:
+    deadline = time.monotonic() + 20
+    while True:
         try:
             emu.call("get", "/v1/customers", limit=1)
-            return True
+            return proc, emu
         except stripe.StripeError:
-            return False
-
-    wait_for(up, 20, "localstripe")
-    return proc, emu
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise SystemExit("localstripe did not start") from None
+            time.sleep(0.05)
 
 
 def populate(emu: Emulator, n: int) -> None:
@@ -81,18 +115,17 @@ def run(size: int, overlap: int) -> dict[str, Any]:
         populate(emu, size)
         populate_s = time.perf_counter() - started
         with tempfile.TemporaryDirectory() as tmp:
-            data = Path(tmp)
-            (data / "plans.toml").write_text(TEST_PLANS, encoding="utf-8")
-            config = Config(data_dir=data, stripe_secret_key="sk_test_bench", stripe_api_base=emu.url)
-            licensed.init_data_dir(config, int(time.time()))
-            services = licensed.build_services(config)
-            gateway = stripe_sync.StripeGateway("sk_test_bench", emu.url)
-            reconciler = stripe_sync.Reconciler(services, gateway)
+            data = make_data_dir(Path(tmp) / "data")
+            config = Config(data_dir=data, stripe_secret_key=SECRET_KEY, stripe_api_base=emu.url)
+            init_data_dir(config, int(time.time()))
+            services = build_services(config)
+            reconciler = Reconciler(services, StripeGateway(SECRET_KEY, emu.url))
 
             t0 = time.perf_counter()
             cold = reconciler.events(int(time.time()), overlap=overlap)
             cold_s = time.perf_counter() - t0
-            licenses = services.store.one("SELECT COUNT(*) FROM licenses")[0]
+            counted = services.store.one("SELECT COUNT(*) FROM licenses")
+            licenses = int(counted[0]) if counted else 0
             time.sleep(overlap + 1.5)
             t0 = time.perf_counter()
             warm = reconciler.events(int(time.time()), overlap=overlap)
@@ -121,7 +154,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="100,1000")
     parser.add_argument("--overlap", type=int, default=2)
+    parser.add_argument("--localstripe", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.localstripe:
+        serve_localstripe(args.localstripe)
+        return
     print("size | licenses made | cold: events, calls, s | warm: events, calls, repaired, s | full: calls, s")
     for size in (int(s) for s in args.sizes.split(",")):
         r = run(size, args.overlap)

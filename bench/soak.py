@@ -32,13 +32,17 @@ from pathlib import Path
 from typing import Any
 
 import requests
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-import stripe_events as se  # noqa: E402
-from conftest import TEST_PLANS  # noqa: E402
-from server_proc import ServerProcess, issue_keys, make_data_dir  # noqa: E402
+from harness import (
+    WEBHOOK_SECRET,
+    Server,
+    event,
+    invoice,
+    issue_keys,
+    make_data_dir,
+    signed,
+    start_server,
+    subscription,
+)
 
 KINDS = ("validate", "validate+machine", "activate", "deactivate", "webhook")
 WEIGHTS = (30, 30, 15, 15, 10)
@@ -64,7 +68,7 @@ class Tally:
 
 
 class Traffic:
-    def __init__(self, server: ServerProcess, keys: list[str], seed: int, deadline: float, cap: int) -> None:
+    def __init__(self, server: Server, keys: list[str], seed: int, deadline: float, cap: int) -> None:
         self.server = server
         self.keys = keys
         self.seed = seed
@@ -84,13 +88,20 @@ class Traffic:
             seen = sub_id in self.renewals
             months = self.renewals[sub_id] = self.renewals.get(sub_id, 0) + 1
         period_end = now + 30 * 86400 * months
+        customer = f"cus_{sub_id}"
         if not seen:
-            obj = se.subscription(
-                sub_id=sub_id, customer=f"cus_{sub_id}", price="price_pro_monthly", period_end=period_end
+            obj = subscription(
+                sub_id=sub_id, customer=customer, price="price_pro_monthly", period_end=period_end
             )
-            return se.event("customer.subscription.created", obj, now, event_id=f"evt_soak_{number}")
-        obj = se.invoice(sub_id=sub_id, period_end=period_end, payment_intent=f"pi_soak_{number}")
-        return se.event("invoice.paid", obj, now, event_id=f"evt_soak_{number}")
+            return event("customer.subscription.created", obj, now, event_id=f"evt_soak_{number}")
+        obj = invoice(
+            invoice_id=f"in_soak_{number}",
+            customer=customer,
+            sub_id=sub_id,
+            period_end=period_end,
+            payment_intent=f"pi_soak_{number}",
+        )
+        return event("invoice.paid", obj, now, event_id=f"evt_soak_{number}")
 
     def client(self, index: int) -> None:
         rng = random.Random(self.seed * 1000 + index)
@@ -101,7 +112,7 @@ class Traffic:
             key = rng.choice(self.keys)
             machine = f"soak-machine-{rng.randrange(4)}"
             if kind == "webhook":
-                body, headers = se.signed(self._webhook_event(rng), int(time.time()))
+                body, headers = signed(self._webhook_event(rng), int(time.time()))
                 send = {"data": body, "headers": headers}
                 path = "/api/stripe/webhook"
             else:
@@ -145,10 +156,9 @@ def main() -> int:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        data = make_data_dir(Path(tmp) / "data", TEST_PLANS)
+        data = make_data_dir(Path(tmp) / "data")
         keys = issue_keys(data, args.licences, days=365, tag="soak")
-        server = ServerProcess(data, {"STRIPE_WEBHOOK_SECRET": se.SECRET, "LOG_LEVEL": "WARNING"})
-        server.start()
+        server = start_server(data, {"STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET})
         samples: list[tuple[float, int]] = []
         try:
             started = time.monotonic()
@@ -165,7 +175,7 @@ def main() -> int:
                     thread.join(timeout=args.sample_every / len(threads))
             samples.append((time.monotonic() - started, server.rss_kib()))
             elapsed = time.monotonic() - started
-            alive = server.proc is not None and server.proc.poll() is None
+            alive = server.alive()
         finally:
             server.stop()
         log = server.stderr()

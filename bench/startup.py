@@ -10,47 +10,22 @@ Usage: python bench/startup.py [--runs 5]
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-from localstripe_fixtures import free_port, healthy  # noqa: E402
+from harness import free_port, start_server
 
 
 def start_once(data: Path) -> tuple[float, int]:
     port = free_port()
-    env = {**os.environ, "DATA_DIR": str(data), "PORT": str(port), "LOG_LEVEL": "WARNING"}
     started = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "licensed", "serve"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = start_server(data, port=port, poll=0.005)
     try:
-        deadline = started + 60
-        while not healthy(f"http://127.0.0.1:{port}"):
-            if time.perf_counter() > deadline or proc.poll() is not None:
-                raise SystemExit("the server did not start")
-            time.sleep(0.005)
-        elapsed = time.perf_counter() - started
-        rss = next(
-            int(line.split()[1])
-            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
-            if line.startswith("VmRSS:")
-        )
-        return elapsed, rss
+        return time.perf_counter() - started, server.rss_kib()
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        server.stop()
 
 
 def main() -> None:

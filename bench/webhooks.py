@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -26,25 +25,27 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from harness import (
+    BASE_URL,
+    WEBHOOK_SECRET,
+    charge,
+    event,
+    invoice,
+    make_data_dir,
+    signed,
+    start_server,
+    subscription,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-import stripe_events as se  # noqa: E402
-from server_proc import BASE_URL, ServerProcess, make_data_dir  # noqa: E402
-
-import licensed  # noqa: E402
-import licensing  # noqa: E402
-from config import Config  # noqa: E402
-
-SECRET = se.SECRET
+from licensed.config import Config
+from licensed.services import build_services
 
 
 def subscription_event(sub_id: str, now: int) -> dict[str, Any]:
-    sub = se.subscription(
+    sub = subscription(
         sub_id=sub_id, customer=f"cus_{sub_id}", price="price_pro_monthly", period_end=now + 30 * 86400
     )
-    return se.event("customer.subscription.created", sub, now)
+    return event("customer.subscription.created", sub, now, event_id=f"evt_{sub_id}_created")
 
 
 def send_all(url: str, bodies: list[tuple[bytes, dict[str, str]]], clients: int) -> float:
@@ -77,37 +78,40 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         data = make_data_dir(Path(tmp) / "data")
-        server = ServerProcess(data, extra_env={"STRIPE_WEBHOOK_SECRET": SECRET, "LOG_LEVEL": "WARNING"})
-        server.start()
+        server = start_server(data, {"STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET})
         url = server.url
         try:
             now = int(time.time())
-            bodies = [se.signed(subscription_event(f"sub_bench_{i}", now), now) for i in range(args.events)]
+            bodies = [signed(subscription_event(f"sub_bench_{i}", now), now) for i in range(args.events)]
             elapsed = send_all(url, bodies, args.clients)
             print(
                 f"webhooks: {args.events} signed events, {args.clients} clients, {elapsed:.2f} s, "
                 f"{args.events / elapsed:.0f} events/s (each committed with fsync before its 200)"
             )
 
-            services = licensed.build_services(Config(data_dir=data, app_base_url=BASE_URL))
+            services = build_services(Config(data_dir=data, app_base_url=BASE_URL))
             latencies = []
             session = requests.Session()
             for i in range(args.refunds):
                 sub_id = f"sub_bench_{i}"
                 lic = services.store.find_license("stripe_subscription_id", sub_id)
                 assert lic is not None
-                key = licensing.license_key(
-                    lic, services.catalog, services.ring, services.config.app_base_url
-                )
+                key = services.licensing.key(lic)
                 pi = f"pi_bench_{i}"
-                inv = se.invoice(sub_id=sub_id, period_end=now + 30 * 86400, payment_intent=pi)
+                inv = invoice(
+                    invoice_id=f"in_bench_{i}",
+                    customer=f"cus_{sub_id}",
+                    sub_id=sub_id,
+                    period_end=now + 30 * 86400,
+                    payment_intent=pi,
+                )
                 now = int(time.time())
-                body, headers = se.signed(se.event("invoice.paid", inv, now), now)
+                body, headers = signed(event("invoice.paid", inv, now, f"evt_bench_{i}_paid"), now)
                 assert (
                     session.post(url + "/api/stripe/webhook", data=body, headers=headers).status_code == 200
                 )
-                charge = se.charge(charge_id=f"ch_bench_{i}", payment_intent=pi, refunded_amount=2000)
-                body, headers = se.signed(se.event("charge.refunded", charge, now), now)
+                refund = charge(charge_id=f"ch_bench_{i}", payment_intent=pi, refunded=2000)
+                body, headers = signed(event("charge.refunded", refund, now, f"evt_bench_{i}_refund"), now)
                 assert (
                     session.post(url + "/api/stripe/webhook", data=body, headers=headers).status_code == 200
                 )
