@@ -271,6 +271,36 @@ def test_imported_machines_hold_their_seats_until_deactivated(live: Live, tmp_pa
     assert validate(live, gone["key"], "host-B")["code"] == "VALID"  # the signed key shares the seat
 
 
+def test_the_python_kit_moves_an_old_key_to_the_signed_key(live: Live, tmp_path: Path) -> None:
+    """docs/integration.md: activate with the old key; the kit stores the signed key it is
+    handed and from then on verifies offline."""
+    sys.path.insert(0, str(ROOT / "clients" / "python"))
+    import licensed_client as lc
+
+    old = "old-shop-" + secrets.token_hex(8)
+    record = {"email": "kit@example.com", "plan": "pro-monthly", "key": old, "expires_at": iso(T0 + 30 * DAY)}
+    assert run_import(live, write_lines(tmp_path / "kit.jsonl", [record])).returncode == 0
+    state_path = tmp_path / "license.json"
+    client = lc.LicenseClient(
+        live.url,
+        live.get("/.well-known/jwks.json").json(),
+        state_path,
+        key_prefix="DC",
+        product="dashcaddy",
+        issuer=ISSUER,
+        machine_id="kit-machine",
+        now=live.clock,
+        timeout=5,
+    )
+    assert client.activate(old).code == "VALID"
+    state = json.loads(state_path.read_text())
+    assert state["key"].startswith("DC-PRO-") and old not in state_path.read_text()
+    offline = client.check_offline()
+    assert (offline.code, offline.online) == ("VALID", False)
+    assert client.validate().code == "VALID"  # with the signed key now
+    assert validate(live, state["key"], "kit-machine")["license"]["machines_used"] == 1
+
+
 # --- admin: found by e-mail and by old key; revoking revokes both keys ------------------------------------
 
 
@@ -309,6 +339,12 @@ def test_imported_licence_is_found_by_old_key_and_revoked_with_both_keys(live: L
     )
     assert [x["id"] for x in json.loads(cli.stdout)["licenses"]] == [lic_id]
     assert old not in cli.stdout
+
+    exported = live.get("/api/admin/debug/store", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert exported.status_code == 200
+    rows = exported.json()["tables"]["imported_keys"]
+    assert len(rows) == len(lines) and set(rows[0]) == {"license_id", "owner", "imported_at"}
+    assert not any(line.record["key"] in exported.text for line in lines)
 
     revoked = live.post(
         f"/api/admin/licenses/{lic_id}/revoke", {}, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -622,3 +658,26 @@ def test_migration_keeps_only_hashes(live: Live, tmp_path: Path) -> None:
     assert live.services.store.imported_key_license(keys.imported_key_hash(old)) == rows[0]["license_id"]
     names = [r[0] for r in live.services.store.all("SELECT name FROM schema_migrations ORDER BY version")]
     assert names[-1] == "keys from the system used before"
+
+
+def test_a_database_of_the_previous_schema_gains_the_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The migration stands alone: a database written before it keeps its licences and
+    accepts imported keys once opened by this version."""
+    from licensed import store as store_module
+
+    path = tmp_path / "licensed.sqlite3"
+    index = [name for name, _ in store_module.MIGRATIONS].index("keys from the system used before")
+    with monkeypatch.context() as patch:
+        patch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:index])
+        older = store_module.open_store(path, T0)
+        customer = older.upsert_customer(T0, email="before@example.com")
+        older.close()
+    newer = store_module.open_store(path, T0 + 1)
+    try:
+        assert newer.schema_version() == len(store_module.MIGRATIONS)
+        assert newer.get_customer(customer) is not None
+        assert newer.imported_key_license(keys.imported_key_hash("anything")) is None
+    finally:
+        newer.close()
