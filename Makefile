@@ -39,6 +39,7 @@ bench: $(VENV)/.test
 	$(PY) bench/webhooks.py
 	$(PY) bench/reconcile.py
 	$(PY) bench/startup.py
+	$(PY) bench/import.py
 
 clean:
 	rm -rf $(VENV) tests/node/node_modules clients/node/node_modules

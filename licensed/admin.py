@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import addresses, identities, keys, licensing, stripe_sync
-from .errors import Conflict, NotFound, ValidationFailed, WebhookFailed
+from .errors import Conflict, InvalidToken, NotFound, ValidationFailed, WebhookFailed
 from .plans import Plan
 from .services import Services
 from .store import License, Store
@@ -139,16 +139,15 @@ def find(services: Services, actor: str, now: int, **criteria: str | None) -> di
     value = value.strip()
     if not value:
         raise ValidationFailed(f"{field} is empty")
-    if field == "q":
+    guessed = field == "q"
+    if guessed:
         field = _classify(value)
     store = services.store
     found: list[License]
     if field == "email":
         found = store.licenses_by_email(value)
     elif field == "key":
-        parsed = keys.parse_license_key(value, services.catalog, services.ring)
-        one = store.get_license(parsed.claims["sub"])
-        found = [one] if one else []
+        found = _by_key(services, value)
     elif field == "license_id":
         one = store.get_license(value)
         found = [one] if one else []
@@ -158,7 +157,29 @@ def find(services: Services, actor: str, now: int, **criteria: str | None) -> di
         found = store.licenses_where("stripe_subscription_id", value)
     else:
         found = store.licenses_where("stripe_checkout_session_id", value)
+    if not found and guessed and field != "key":
+        # A key sold before licensed may be any text, even shaped like an e-mail or an id.
+        imported = store.imported_key_license(keys.imported_key_hash(value))
+        if imported is not None:
+            field, found = "key", _present(store.get_license(imported))
     return {"by": field, "count": len(found), "licenses": [license_record(store, x, now) for x in found]}
+
+
+def _present(lic: License | None) -> list[License]:
+    return [lic] if lic is not None else []
+
+
+def _by_key(services: Services, value: str) -> list[License]:
+    """The licence of a signed key, or of a key imported from the system used before
+    (found by its SHA-256); a string that is neither is an invalid key."""
+    try:
+        parsed = keys.parse_license_key(value, services.catalog, services.ring)
+    except InvalidToken:
+        imported = services.store.imported_key_license(keys.imported_key_hash(value))
+        if imported is None:
+            raise
+        return _present(services.store.get_license(imported))
+    return _present(services.store.get_license(parsed.claims["sub"]))
 
 
 def _row(row: Any, times: Iterable[str]) -> dict[str, Any]:
@@ -183,6 +204,7 @@ def show(services: Services, actor: str, now: int, license_id: str) -> dict[str,
     return {
         "license": license_record(store, lic, now),
         "key": _key(services, lic),
+        "imported_keys": store.imported_key_count(lic.id),
         "machines": [_row(m, ("activated_at", "last_seen_at")) for m in store.machine_rows(lic.id)],
         "stripe_events": [
             _row(e, ("created", "received_at", "processed_at"))

@@ -18,12 +18,12 @@ import time
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
-from . import __version__, admin, backup, keys, mailer, redact, stripe_sync
+from . import __version__, admin, backup, importer, keys, mailer, redact, stripe_sync
 from .admin import EVENT_STATUSES, FIND_FIELDS
 from .config import Config
-from .errors import ConfigError, LicensedError
+from .errors import ConfigError, ImportRefused, LicensedError
 from .keys import KeyRing
 from .logs import setup_logging
 from .server import init_data_dir, serve
@@ -99,6 +99,10 @@ def _add_admin_commands(admin_cmd: Any) -> None:
     link_cmd.add_argument("--sub", required=True, help="the identity provider's subject of the user")
     link_cmd.add_argument("--email", required=True)
 
+    import_cmd = verb("import", "import licenses sold before licensed (JSON Lines); their keys keep working")
+    import_cmd.add_argument("path", type=Path, help="one license a line: email, plan, key, expires_at…")
+    import_cmd.add_argument("--dry-run", action="store_true", help="check the file and report; write nothing")
+
     audit_cmd = verb("audit", "the audit trail, newest first")
     audit_cmd.add_argument("--license", dest="license_id")
     audit_cmd.add_argument("--actor")
@@ -144,6 +148,10 @@ def _admin_command(services: Services, args: argparse.Namespace, actor: str, now
         return admin.link_identity(services, actor, now, sub=args.sub, email=args.email)
     if name == "replay":
         return admin.replay(services, actor, now, args.event_id)
+    if name == "import":
+        return importer.import_licenses(
+            services, actor, now, args.path, dry_run=args.dry_run, progress=_progress_printer(sys.stderr)
+        )
     if name == "audit":
         return admin.audit_trail(
             services,
@@ -169,10 +177,21 @@ def _run_admin(services: Services, args: argparse.Namespace, out: Callable[[str]
     """``licensed admin <verb>``: straight on the database, JSON or readable lines out."""
     try:
         result = _admin_command(services, args, cli_actor(), services.now())
+    except ImportRefused as err:
+        # The offending lines are the answer: print them, then fail with one line.
+        out(
+            json.dumps(err.report, indent=2, ensure_ascii=False)
+            if args.json
+            else "\n".join(import_lines(err.report))
+        )
+        raise
     finally:
         services.store.close()
     if args.json:
         out(json.dumps(result, indent=2, ensure_ascii=False))
+    elif args.admin_command == "import":
+        for line in import_lines(result):
+            out(line)
     elif args.admin_command == "issue":
         out(result["key"])
         if "mail_id" in result:
@@ -193,6 +212,36 @@ _LISTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "audit": ("entries", ("at", "actor", "action", "license_id")),
 }
 """Verbs whose readable output is one line per item: (list field, columns)."""
+
+
+def import_lines(report: dict[str, Any]) -> Iterator[str]:
+    """An import's readable summary: each refused line with why, then the counts."""
+    for problem in report["problems"]:
+        yield f"line {problem['line']}: " + printable("; ".join(problem["errors"]))
+    counts = (
+        f"imported {report['imported']}, skipped as already there {report['skipped']},"
+        f" refused {report['refused']} (of {report['lines']} lines in {printable(report['file'])})"
+    )
+    if report["dry_run"]:
+        yield f"dry run, nothing written: would have {counts}"
+    else:
+        yield counts
+
+
+def _progress_printer(stream: TextIO) -> importer.Progress | None:
+    """Progress on one rewritten line, only when ``stream`` is a terminal (never in a log)."""
+    if not stream.isatty():
+        return None
+
+    def show(phase: str, done: int, total: int) -> None:
+        if phase == "checking":
+            text = f"checking {done * 100 // max(total, 1)}%"
+        else:
+            text = f"importing {done}/{total}"
+        end = "\n" if done >= total else ""
+        print(f"\r{text}\x1b[K", end=end, file=stream, flush=True)
+
+    return show
 
 
 def readable(value: Any, indent: str = "") -> Iterator[str]:

@@ -9,6 +9,8 @@ into these at the edge of the module that meets them.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class LicensedError(Exception):
     """Root of every error this program raises on purpose."""
@@ -236,3 +238,16 @@ class ReconcileBusy(LicensedError):
 class BackupFailed(StorageUnavailable):
     code = "BACKUP_FAILED"
     default_message = "the backup failed"
+
+
+class ImportRefused(ValidationFailed):
+    """A licence import file with bad lines: nothing was imported.
+
+    ``report`` is the import's summary with every offending line and why.
+    """
+
+    code = "IMPORT_REFUSED"
+
+    def __init__(self, message: str, report: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.report = report

@@ -203,6 +203,12 @@ def machine_hash(machine_id: str) -> str:
     return hashlib.sha256(machine_id.encode("utf-8")).hexdigest()
 
 
+def imported_key_hash(key: str) -> str:
+    """What an imported key (one sold before licensed, any text) is stored and found as:
+    the SHA-256 of its exact text, never the text."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 VERIFIED_CACHE_SIZE = 20_000
 """Keys whose signature verified, by their exact text: more than a vendor's installations."""
 

@@ -344,18 +344,32 @@ class Licensing:
 
     def _read(
         self, req: LicenseRequest, now: int
-    ) -> tuple[License, keys.ParsedKey, Seat | None] | dict[str, Any]:
-        """The licence a key names with the machine's seat, or the outcome that stops the request."""
+    ) -> tuple[License, keys.ParsedKey | None, Seat | None] | dict[str, Any]:
+        """The licence a key names with the machine's seat, or the outcome that stops the request.
+
+        The parsed key is None for a key imported from the system used before
+        (``licensed admin import``), found by its SHA-256 instead of a signature.
+        """
+        parsed: keys.ParsedKey | None
         try:
             parsed = keys.parse_license_key(req.key, self.catalog, self.ring)
         except InvalidToken:
-            return {"valid": False, "code": INVALID_KEY}
-        if req.product is not None and req.product != parsed.product.id:
-            return {"valid": False, "code": PRODUCT_MISMATCH}
+            parsed = None
+        if parsed is not None:
+            license_id = parsed.claims["sub"]
+            if req.product is not None and req.product != parsed.product.id:
+                return {"valid": False, "code": PRODUCT_MISMATCH}
+        else:
+            imported = self.store.imported_key_license(keys.imported_key_hash(req.key))
+            if imported is None:
+                return {"valid": False, "code": INVALID_KEY}
+            license_id = imported
         hashes = machine_hashes(req.machine_id) if req.machine_id is not None else ()
-        lic, seen_hash, seen_at, used = self.store.license_seats(parsed.claims["sub"], hashes, now)
-        if lic is None or lic.product != parsed.product.id:
+        lic, seen_hash, seen_at, used = self.store.license_seats(license_id, hashes, now)
+        if lic is None or (parsed is not None and lic.product != parsed.product.id):
             return {"valid": False, "code": NOT_FOUND}
+        if parsed is None and req.product is not None and req.product != lic.product:
+            return {"valid": False, "code": PRODUCT_MISMATCH}
         seat = Seat(hashes[0], seen_hash, seen_at, used) if hashes else None
         return lic, parsed, seat
 
@@ -384,8 +398,9 @@ class Licensing:
         if code in VALID_CODES:
             # Signing is deterministic and only this server signs: a verified key with
             # the row's claims and kid is the current key, so it is re-derived only
-            # when the entitlement has moved on (renewal, upgrade, rotation).
-            if parsed.kid != lic.key_kid or parsed.claims != key_claims(lic, self.issuer):
+            # when the entitlement has moved on (renewal, upgrade, rotation). An imported
+            # key always gets the signed one: the client stores it and verifies offline.
+            if parsed is None or parsed.kid != lic.key_kid or parsed.claims != key_claims(lic, self.issuer):
                 answer["key"] = self.key(lic)
             if activated and seat is not None:
                 answer["lease"] = lease(lic, seat.machine_hash, self.ring, self.issuer, self.lease_ttl, now)
@@ -448,7 +463,7 @@ class Licensing:
         read = self._read(req, now)
         if isinstance(read, dict):
             return {**read, "deactivated": False}
-        lic, _parsed, seat = read
+        lic, parsed, seat = read
         with self.store.atomic():
             if seat is not None:
                 removed = self.store.remove_machine(lic.id, seat.hashes())
@@ -457,12 +472,15 @@ class Licensing:
             else:
                 raise ValidationFailed("give machine_id or machine")
             used = self.store.count_machines(lic.id, lic.seated_since(now))
-        return {
+        answer: dict[str, Any] = {
             "valid": entitlement(lic, now) in VALID_CODES,
             "code": DEACTIVATED if removed else MACHINE_NOT_ACTIVATED,
             "deactivated": removed,
             "license": license_view(lic, used),
         }
+        if parsed is None and answer["valid"]:
+            answer["key"] = self.key(lic)  # an imported key: hand over the signed one
+        return answer
 
     def machines(self, req: LicenseRequest, now: int) -> dict[str, Any]:
         """The machines holding the licence's seats, as its customer may see them."""

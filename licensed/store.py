@@ -208,6 +208,22 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         """,
     ),
     (
+        "keys from the system used before",
+        # Keys sold before licensed (admin import) keep working: each is kept only as
+        # the SHA-256 of its text, pointing at the licence it now stands for. owner is
+        # the SHA-256 of the imported line's e-mail and plan, so the same line imported
+        # again is recognised (skipped) and the same key on another line is refused.
+        """
+        CREATE TABLE imported_keys (
+            key_hash TEXT PRIMARY KEY,
+            license_id TEXT NOT NULL REFERENCES licenses (id) ON DELETE CASCADE,
+            owner TEXT NOT NULL,
+            imported_at INTEGER NOT NULL
+        );
+        CREATE INDEX imported_keys_license ON imported_keys (license_id);
+        """,
+    ),
+    (
         "machine labels and public ids",
         # A machine is named to its customer by an opaque id (never its machine id or
         # hash) and the label its installation gave, e.g. the host name.
@@ -715,6 +731,59 @@ class Store:
             (now, now),
         )
         return {str(r[0]) for r in rows}
+
+    # --- keys imported from the system used before ----------------------------------
+
+    def imported_key_license(self, key_hash: str) -> str | None:
+        """The licence an imported key (by its hash) stands for: one primary-key read."""
+        row = self.one("SELECT license_id FROM imported_keys WHERE key_hash = ?", (key_hash,))
+        return str(row[0]) if row else None
+
+    def imported_key(self, key_hash: str) -> tuple[str, str] | None:
+        """(licence id, owner) of an imported key, or None when it was never imported."""
+        row = self.one("SELECT license_id, owner FROM imported_keys WHERE key_hash = ?", (key_hash,))
+        return (str(row[0]), str(row[1])) if row else None
+
+    def insert_imported_key(self, key_hash: str, license_id: str, owner: str, now: int) -> None:
+        self.execute(
+            "INSERT INTO imported_keys (key_hash, license_id, owner, imported_at) VALUES (?, ?, ?, ?)",
+            (key_hash, license_id, owner, now),
+        )
+
+    def imported_key_count(self, license_id: str) -> int:
+        row = self.one("SELECT COUNT(*) FROM imported_keys WHERE license_id = ?", (license_id,))
+        return int(row[0]) if row else 0
+
+    def import_customer(
+        self, now: int, *, email: str, name: str | None, stripe_customer_id: str | None
+    ) -> str:
+        """The customer an imported licence belongs to: the one with that Stripe customer id
+        (or, without one, that e-mail and no Stripe id), else a new one.
+
+        An existing customer keeps its contact (Stripe's, or an earlier line's); only
+        what it lacks is filled in.
+        """
+        if stripe_customer_id:
+            row = self.one("SELECT id FROM customers WHERE stripe_customer_id = ?", (stripe_customer_id,))
+        else:
+            # "+" keeps SQLite on the e-mail index: left to itself it walks the unique index
+            # of stripe_customer_id through every customer without one (measured: 0.44 ms a
+            # look-up on average, most of a 10,000-line import's time; BENCHMARKS.md).
+            row = self.one(
+                "SELECT id FROM customers WHERE email = ? COLLATE NOCASE"
+                " AND +stripe_customer_id IS NULL ORDER BY created_at LIMIT 1",
+                (email,),
+            )
+        if row is not None:
+            self.fill_customer_contact(str(row[0]), email, name, now)
+            return str(row[0])
+        customer_id = new_id("cus")
+        self.execute(
+            "INSERT INTO customers (id, email, name, stripe_customer_id, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (customer_id, email, name, stripe_customer_id, now, now),
+        )
+        return customer_id
 
     # --- machines ---------------------------------------------------------------
 

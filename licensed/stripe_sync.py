@@ -496,8 +496,10 @@ class EventProcessor:
 
         A purchase reaches that point by one of several events (checkout, first
         invoice, trial), in any order; the outbox remembers that the key went out.
+        An imported licence (``licensed admin import``) is never mailed: its buyer
+        holds the old key, and the installation is handed the signed one itself.
         """
-        if licensing.entitlement(lic, now) not in licensing.VALID_CODES:
+        if lic.source == "import" or licensing.entitlement(lic, now) not in licensing.VALID_CODES:
             return
         if self.store.has_mail(lic.id, outbox.KIND_LICENSE_KEY):
             return
