@@ -454,7 +454,12 @@ def _cmd_stripe_check(config: Config, args: argparse.Namespace, out: Callable[[s
         status = "ok" if step.ok else "FAIL"
         out(f"{status:<4}  {step.name}: {printable(step.detail)} ({step.seconds:.2f} s)")
 
-    if purchase.run(show):
+    try:
+        passed = purchase.run(show)
+    except KeyboardInterrupt:
+        print("licensed: interrupted (what it had created at Stripe is cleaned up above)", file=sys.stderr)
+        return 130
+    if passed:
         took = time.monotonic() - started
         out(f"a test purchase became a license, and its refund revoked it ({took:.1f} s)")
         return 0
