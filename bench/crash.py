@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from crash_harness import run_crash  # noqa: E402
+from support.crash_harness import run_crash  # noqa: E402
 
 
 def main() -> int:

@@ -25,7 +25,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from server_proc import ServerProcess, issue_keys, make_data_dir  # noqa: E402
+from support.server_proc import ServerProcess, issue_keys, make_data_dir  # noqa: E402
 
 WORKERS = 64
 

@@ -26,18 +26,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import stripe  # noqa: E402
-from conftest import TEST_PLANS  # noqa: E402
-from localstripe_fixtures import Emulator, free_port, wait_for  # noqa: E402
+from support.emulator import Emulator, free_port, wait_for  # noqa: E402
+from support.plans import TEST_PLANS  # noqa: E402
 
-import licensed  # noqa: E402
-import stripe_sync  # noqa: E402
-from config import Config  # noqa: E402
+from licensed import stripe_sync  # noqa: E402
+from licensed.config import Config  # noqa: E402
+from licensed.server import init_data_dir  # noqa: E402
+from licensed.services import build_services  # noqa: E402
+from licensed.stripe_api import StripeGateway  # noqa: E402
 
 
 def start_emulator() -> tuple[subprocess.Popen[bytes], Emulator]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "localstripe_server.py"), str(port)],
+        [sys.executable, str(ROOT / "tests" / "support" / "localstripe_server.py"), str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -84,9 +86,9 @@ def run(size: int, overlap: int) -> dict[str, Any]:
             data = Path(tmp)
             (data / "plans.toml").write_text(TEST_PLANS, encoding="utf-8")
             config = Config(data_dir=data, stripe_secret_key="sk_test_bench", stripe_api_base=emu.url)
-            licensed.init_data_dir(config, int(time.time()))
-            services = licensed.build_services(config)
-            gateway = stripe_sync.StripeGateway("sk_test_bench", emu.url)
+            init_data_dir(config, int(time.time()))
+            services = build_services(config)
+            gateway = StripeGateway("sk_test_bench", emu.url)
             reconciler = stripe_sync.Reconciler(services, gateway)
 
             t0 = time.perf_counter()

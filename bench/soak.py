@@ -36,9 +36,9 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-import stripe_events as se  # noqa: E402
-from conftest import TEST_PLANS  # noqa: E402
-from server_proc import ServerProcess, issue_keys, make_data_dir  # noqa: E402
+from support import stripe_events as se  # noqa: E402
+from support.plans import TEST_PLANS  # noqa: E402
+from support.server_proc import ServerProcess, issue_keys, make_data_dir  # noqa: E402
 
 KINDS = ("validate", "validate+machine", "activate", "deactivate", "webhook")
 WEIGHTS = (30, 30, 15, 15, 10)

@@ -21,7 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from localstripe_fixtures import free_port, healthy  # noqa: E402
+from support.emulator import healthy  # noqa: E402
+from support.server_proc import free_port  # noqa: E402
 
 
 def start_once(data: Path) -> tuple[float, int]:

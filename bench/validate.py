@@ -50,10 +50,10 @@ def bare_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Ite
 
 def serve_bare(threads: int) -> None:
     """The bare app under the very server settings ``licensed serve`` uses."""
-    import licensed
-    from config import Config
+    from licensed.config import Config
+    from licensed.server import create_server
 
-    server = licensed.create_server(bare_app, Config(port=0, threads=threads))  # type: ignore[arg-type]
+    server = create_server(bare_app, Config(port=0, threads=threads))  # type: ignore[arg-type]
     print(json.dumps({"url": f"http://127.0.0.1:{server.effective_port}"}), flush=True)
     server.run()
 
@@ -172,13 +172,14 @@ def wait_for_url(log: Path, process: subprocess.Popen[bytes], timeout: float = 3
 
 
 def issue_key(data_dir: Path) -> str:
-    import licensed
-    import licensing
-    from config import Config
+    from licensed import licensing
+    from licensed.config import Config
+    from licensed.server import init_data_dir
+    from licensed.services import build_services
 
     config = Config(data_dir=data_dir)
-    licensed.init_data_dir(config, int(time.time()))
-    services = licensed.build_services(config)
+    init_data_dir(config, int(time.time()))
+    services = build_services(config)
     try:
         plan = services.catalog.plans["dashcaddy-pro-year"]
         lic = licensing.issue_license(

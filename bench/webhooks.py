@@ -30,12 +30,12 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-import stripe_events as se  # noqa: E402
-from server_proc import BASE_URL, ServerProcess, make_data_dir  # noqa: E402
+from support import stripe_events as se  # noqa: E402
+from support.server_proc import BASE_URL, ServerProcess, make_data_dir  # noqa: E402
 
-import licensed  # noqa: E402
-import licensing  # noqa: E402
-from config import Config  # noqa: E402
+from licensed import licensing  # noqa: E402
+from licensed.config import Config  # noqa: E402
+from licensed.services import build_services  # noqa: E402
 
 SECRET = se.SECRET
 
@@ -89,7 +89,7 @@ def main() -> None:
                 f"{args.events / elapsed:.0f} events/s (each committed with fsync before its 200)"
             )
 
-            services = licensed.build_services(Config(data_dir=data, app_base_url=BASE_URL))
+            services = build_services(Config(data_dir=data, app_base_url=BASE_URL))
             latencies = []
             session = requests.Session()
             for i in range(args.refunds):
