@@ -607,9 +607,12 @@ def make_plan(target: str, tmp_path: Path) -> list[str]:
     """The commands ``make TARGET`` would run on a machine without the virtualenv (``make -n``)."""
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
+    # Not as a sub-make of `make test`: that would print "Entering directory" lines.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     run = subprocess.run(
         ["make", "-n", target, f"VENV={tmp_path / 'venv'}"],
         cwd=ROOT,
+        env=env,
         capture_output=True,
         text=True,
         timeout=60,
