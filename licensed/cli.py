@@ -381,7 +381,7 @@ def _cmd_stripe(config: Config, args: argparse.Namespace, out: Callable[[str], N
     else:
         out(f"updated webhook endpoint {endpoint_id} for {url}; its signing secret is unchanged")
     out("")
-    failed = _print_checks(config, out)
+    failed = preflight.failures(_print_checks(config, out))
     if failed:
         out(f"{failed} {_checks(failed)} failed: fix {_them(failed)}, then run `licensed stripe check`")
     # The endpoint is set up: that succeeded, whatever remains to do (a new secret
@@ -397,8 +397,8 @@ def _them(count: int) -> str:
     return "it" if count == 1 else "them"
 
 
-def _print_checks(config: Config, out: Callable[[str], None]) -> int:
-    """Run every read-only check, one line each as it completes; returns how many failed."""
+def _print_checks(config: Config, out: Callable[[str], None]) -> list[preflight.Check]:
+    """Run every read-only check, printing one line each as it completes."""
     gateway = (
         StripeGateway(config.stripe_secret_key, config.stripe_api_base) if config.stripe_secret_key else None
     )
@@ -408,7 +408,7 @@ def _print_checks(config: Config, out: Callable[[str], None]) -> int:
     for check in preflight.run(config, catalog, gateway, server):
         found.append(check)
         out(f"{check.status.value:<4}  {check.subject}: {printable(check.message)}")
-    return preflight.failures(found)
+    return found
 
 
 def _cmd_stripe_check(config: Config, args: argparse.Namespace, out: Callable[[str], None]) -> int:
@@ -425,7 +425,8 @@ def _cmd_stripe_check(config: Config, args: argparse.Namespace, out: Callable[[s
                 "--e2e needs ADMIN_TOKEN: it finds the test license through the server's admin API"
             )
         plan = trial_purchase.choose_plan(load_catalog(config.plans_path), args.plan)
-    failed = _print_checks(config, out)
+    found = _print_checks(config, out)
+    failed = preflight.failures(found)
     if failed:
         what = (
             "; no test purchase until every check passes"
@@ -434,7 +435,12 @@ def _cmd_stripe_check(config: Config, args: argparse.Namespace, out: Callable[[s
         )
         print(f"licensed: {failed} {_checks(failed)} failed{what}", file=sys.stderr)
         return 1
-    out("all checks passed")
+    warned = sum(1 for check in found if check.status is preflight.Status.WARN)
+    out(
+        f"all checks passed ({warned} {'warning' if warned == 1 else 'warnings'})"
+        if warned
+        else "all checks passed"
+    )
     if plan is None:
         return 0
     email = args.email or (parse_mailbox(config.mail_from).addr_spec if config.mail_from else None)

@@ -44,7 +44,7 @@ from .stripe_sync import HANDLED_EVENTS, webhook_url
 
 SERVER_TIMEOUT = 10.0
 MAX_ANSWER_BYTES = 1024 * 1024
-RESTART = "restart it so it reads them (systemctl restart licensed)"
+RESTART = "restart it so it reads these settings (systemctl restart licensed)"
 
 
 class Status(enum.Enum):
@@ -381,10 +381,9 @@ def check_server(config: Config, server: ServerClient, mode: str | None) -> Iter
     try:
         health = server.get("/health")
     except ServerUnreachable as err:
+        dns = "" if _is_address(parts.hostname) else f", does DNS for {parts.hostname} point at it"
         yield fail(
-            subject,
-            f"{err.message}: is the server running, does DNS for {parts.hostname} point at it, and does"
-            " the proxy pass requests on?",
+            subject, f"{err.message}: is the server running{dns}, and does the proxy pass requests on?"
         )
         return
     if health.status != 200 or health.body.get("status") != "ok":
@@ -402,6 +401,14 @@ def check_server(config: Config, server: ServerClient, mode: str | None) -> Iter
     settings = check_running_settings(config, server)
     if settings is not None:
         yield settings
+
+
+def _is_address(host: str | None) -> bool:
+    try:
+        ipaddress.ip_address(host or "")
+    except ValueError:
+        return False
+    return True
 
 
 def _loopback(host: str | None) -> bool:
