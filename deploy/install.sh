@@ -16,18 +16,28 @@
 # --root DIR lays the same files out under DIR (tests, image builds); users are
 # then not created and ownership is not changed. The virtualenv's scripts name
 # the place they were installed to, so run it under the final path to serve.
+#
+# The virtualenv's python is a link to the Python that built it, so the service
+# user must be able to run that Python: one under /root (pyenv, a build by hand)
+# is not. A real install checks this, before building and after, and stops
+# with what to do (--python /usr/bin/python3) instead of leaving a service that
+# cannot start.
 set -euo pipefail
 umask 022
 
 usage() {
 	cat <<'EOF'
 usage: install.sh [--root DIR] [--source DIR|WHEEL] [--python PYTHON] [--no-deps] [--no-restart]
+                  [--check-user USER]
 
-  --root DIR      install under DIR instead of / (no user creation, no chown, no systemctl)
-  --source PATH   the licensed source tree or a built wheel (default: this script's tree)
-  --python PY     the Python (3.11+) that builds the virtualenv (default: python3)
-  --no-deps       install the package only; its dependencies must come another way
-  --no-restart    do not restart a running service after an upgrade
+  --root DIR         install under DIR instead of / (no user creation, no chown, no systemctl)
+  --source PATH      the licensed source tree or a built wheel (default: this script's tree)
+  --python PY        the Python (3.11+) that builds the virtualenv (default: python3); the service
+                     user must be able to run it: a system one such as /usr/bin/python3
+  --no-deps          install the package only; its dependencies must come another way
+  --no-restart       do not restart a running service after an upgrade
+  --check-user USER  check that USER can run that Python and the virtualenv (as root; a real
+                     install checks the service user licensed without being asked)
 EOF
 }
 
@@ -37,6 +47,7 @@ source_path="$(dirname "$here")"
 python=python3
 no_deps=0
 restart=1
+check_user=
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--root) root="${2:?--root needs a directory}"; shift 2 ;;
@@ -44,6 +55,7 @@ while [ $# -gt 0 ]; do
 	--python) python="${2:?--python needs a command}"; shift 2 ;;
 	--no-deps) no_deps=1; shift ;;
 	--no-restart) restart=0; shift ;;
+	--check-user) check_user="${2:?--check-user needs a user}"; shift 2 ;;
 	-h | --help) usage; exit 0 ;;
 	*) echo "install.sh: unknown argument $1" >&2; usage >&2; exit 2 ;;
 	esac
@@ -70,6 +82,13 @@ manage=0
 if [ "$root" = / ] && [ "$(id -u)" -eq 0 ]; then
 	manage=1
 fi
+if [ "$manage" = 1 ]; then
+	check_user="${check_user:-licensed}"
+fi
+if [ -n "$check_user" ]; then
+	[ "$(id -u)" -eq 0 ] || die "--check-user needs root (it runs programs as $check_user)"
+	command -v runuser >/dev/null || die "runuser is missing (util-linux): cannot check what $check_user can run"
+fi
 prefix="${root%/}"
 changed=0
 package_changed=0
@@ -78,6 +97,13 @@ unit_changed=0
 note() {
 	changed=1
 	say "$*"
+}
+
+# runs_as USER PROGRAM ARGS...: true when USER can run it (from /, which every user can read).
+runs_as() {
+	local user="$1"
+	shift
+	(cd / && runuser -u "$user" -- "$@") >/dev/null 2>&1
 }
 
 # --- the user ---------------------------------------------------------------------
@@ -148,6 +174,13 @@ if [ ! -x "$venv/bin/python" ]; then
 		die "$python is older than Python 3.11"
 	"$python" -c 'import ensurepip, venv' 2>/dev/null ||
 		die "$python cannot make virtualenvs: apt-get install -y python3-venv"
+	if [ -n "$check_user" ]; then
+		interpreter="$("$python" -c 'import sys; print(sys.executable)')"
+		runs_as "$check_user" "$interpreter" -c '' ||
+			die "user $check_user cannot run $interpreter (what $python runs), so a virtualenv built" \
+				"with it could not serve: install with a system Python: $0 --python /usr/bin/python3"
+	fi
+	say "building the virtualenv /opt/licensed with $python"
 	"$python" -m venv "$venv"
 	note "created virtualenv /opt/licensed"
 fi
@@ -168,6 +201,7 @@ stamp="$venv/.installed-source"
 wanted="$(fingerprint) no_deps=$no_deps"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$wanted" ]; then
 	pip=("$venv/bin/python" -m pip --disable-pip-version-check --no-input --quiet)
+	say "installing licensed from $source_path into /opt/licensed (pip)"
 	if [ "$no_deps" = 0 ]; then
 		"${pip[@]}" install --upgrade "$source_path"
 	fi
@@ -176,6 +210,14 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$wanted" ]; then
 	printf '%s\n' "$wanted" >"$stamp"
 	package_changed=1
 	note "installed licensed $("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("licensed"))') from $source_path"
+fi
+
+# The service runs this python: it must run as the service user, and find the package.
+if [ -n "$check_user" ]; then
+	runs_as "$check_user" "$venv/bin/python" -c 'import licensed' ||
+		die "user $check_user cannot run $venv/bin/python (a link to $(readlink -f "$venv/bin/python")):" \
+			"build the virtualenv again with a Python it can run: rm -rf $venv && $0 --python /usr/bin/python3"
+	say "checked: user $check_user can run the virtualenv"
 fi
 
 # --- settings: written once, never overwritten ---------------------------------------

@@ -12,6 +12,7 @@ import argparse
 import datetime as dt
 import getpass
 import json
+import logging
 import os
 import sys
 import time
@@ -20,12 +21,25 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from . import __version__, admin, backup, importer, keys, mailer, redact, stripe_sync
+from . import (
+    __version__,
+    admin,
+    backup,
+    importer,
+    keys,
+    mailer,
+    preflight,
+    redact,
+    stripe_sync,
+    trial_purchase,
+)
+from .addresses import parse_mailbox
 from .admin import EVENT_STATUSES, FIND_FIELDS
 from .config import Config
 from .errors import ConfigError, ImportRefused, LicensedError
 from .keys import KeyRing
 from .logs import setup_logging
+from .plans import load_catalog
 from .server import init_data_dir, serve
 from .services import Services, build_services
 from .stripe_api import StripeGateway
@@ -314,7 +328,29 @@ def _parser() -> argparse.ArgumentParser:
     stripe_cmd = commands.add_parser("stripe", help="Stripe set-up").add_subparsers(
         dest="stripe_command", required=True
     )
-    stripe_cmd.add_parser("setup", help="create or update the webhook endpoint; prints its secret once")
+    stripe_cmd.add_parser(
+        "setup", help="create or update the webhook endpoint (prints its secret once), then check"
+    )
+    check_cmd = stripe_cmd.add_parser(
+        "check",
+        help="before the first sale: will a purchase become a license? (reads only; exit 0 when all pass)",
+    )
+    check_cmd.add_argument(
+        "--e2e",
+        action="store_true",
+        help="then buy a subscription with Stripe's test card through the running server, refund it and"
+        " clean up (test-mode keys only; needs ADMIN_TOKEN)",
+    )
+    check_cmd.add_argument("--plan", help="the subscription plan --e2e buys (default: the first one sold)")
+    check_cmd.add_argument(
+        "--email", help="the test buyer's e-mail; its key mail goes there (default: MAIL_FROM's address)"
+    )
+    check_cmd.add_argument(
+        "--timeout",
+        type=_wait_seconds,
+        default=trial_purchase.WAIT_SECONDS,
+        help="seconds --e2e waits for each webhook to take effect (1 to 60, default 60)",
+    )
 
     admin_parser = commands.add_parser("admin", help="support verbs, straight on the database")
     admin_cmd = admin_parser.add_subparsers(dest="admin_command", required=True)
@@ -385,15 +421,122 @@ def _cmd_reconcile(config: Config, args: argparse.Namespace, out: Callable[[str]
         services.store.close()
 
 
-def _cmd_stripe(config: Config, args: argparse.Namespace, out: Callable[[str], None]) -> None:
+def _wait_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from err
+    if not 1 <= seconds <= trial_purchase.WAIT_SECONDS:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {trial_purchase.WAIT_SECONDS:.0f}")
+    return seconds
+
+
+def _cmd_stripe(config: Config, args: argparse.Namespace, out: Callable[[str], None]) -> int:
+    # The stripe library logs every request at INFO: noise between the lines an operator reads.
+    logging.getLogger("stripe").setLevel(logging.WARNING)
+    if args.stripe_command == "check":
+        return _cmd_stripe_check(config, args, out)
+    url = stripe_sync.webhook_url(config.app_base_url)
     endpoint_id, secret, created = stripe_sync.setup_webhook_endpoint(
         _stripe_gateway(config), config.app_base_url
     )
     if created:
-        out(f"created webhook endpoint {endpoint_id} for {config.app_base_url}/api/stripe/webhook")
+        out(f"created webhook endpoint {endpoint_id} for {url}")
         out(f"STRIPE_WEBHOOK_SECRET={secret}")
+        out("(shown once: put it into the settings, restart the server, then run `licensed stripe check`)")
     else:
-        out(f"updated webhook endpoint {endpoint_id}; its signing secret is unchanged")
+        out(f"updated webhook endpoint {endpoint_id} for {url}; its signing secret is unchanged")
+    out("")
+    failed = preflight.failures(_print_checks(config, out))
+    if failed:
+        out(f"{failed} {_checks(failed)} failed: fix {_them(failed)}, then run `licensed stripe check`")
+    # The endpoint is set up: that succeeded, whatever remains to do (a new secret
+    # is never checkable before it is in the settings).
+    return 0
+
+
+def _checks(count: int) -> str:
+    return "check" if count == 1 else "checks"
+
+
+def _them(count: int) -> str:
+    return "it" if count == 1 else "them"
+
+
+def _print_checks(config: Config, out: Callable[[str], None]) -> list[preflight.Check]:
+    """Run every read-only check, printing one line each as it completes."""
+    gateway = (
+        StripeGateway(config.stripe_secret_key, config.stripe_api_base) if config.stripe_secret_key else None
+    )
+    server = preflight.ServerClient(config.app_base_url, config.admin_token)
+    catalog = load_catalog(config.plans_path)
+    found = []
+    for check in preflight.run(config, catalog, gateway, server):
+        found.append(check)
+        out(f"{check.status.value:<4}  {check.subject}: {printable(check.message)}")
+    return found
+
+
+def _cmd_stripe_check(config: Config, args: argparse.Namespace, out: Callable[[str], None]) -> int:
+    plan = None
+    if args.e2e:
+        # Refused before anything is read or bought.
+        if preflight.key_mode(config.stripe_secret_key) != "test":
+            raise ConfigError(
+                "--e2e buys with Stripe's test card and runs only with test-mode keys: STRIPE_SECRET_KEY is"
+                " not a test-mode key (run it before switching to live keys)"
+            )
+        if not config.admin_token:
+            raise ConfigError(
+                "--e2e needs ADMIN_TOKEN: it finds the test license through the server's admin API"
+            )
+        plan = trial_purchase.choose_plan(load_catalog(config.plans_path), args.plan)
+    found = _print_checks(config, out)
+    failed = preflight.failures(found)
+    if failed:
+        what = (
+            "; no test purchase until every check passes"
+            if args.e2e
+            else ": a purchase may not become a license"
+        )
+        print(f"licensed: {failed} {_checks(failed)} failed{what}", file=sys.stderr)
+        return 1
+    warned = sum(1 for check in found if check.status is preflight.Status.WARN)
+    out(
+        f"all checks passed ({warned} {'warning' if warned == 1 else 'warnings'})"
+        if warned
+        else "all checks passed"
+    )
+    if plan is None:
+        return 0
+    email = args.email or (parse_mailbox(config.mail_from).addr_spec if config.mail_from else None)
+    email = email or "licensed-e2e@example.com"
+    out("")
+    out(f"test purchase of {plan.id} ({plan.stripe_price}) by {email}, through {config.app_base_url}:")
+    purchase = trial_purchase.TrialPurchase(
+        _stripe_gateway(config),
+        preflight.ServerClient(config.app_base_url, config.admin_token),
+        plan,
+        email,
+        timeout=args.timeout,
+    )
+    started = time.monotonic()
+
+    def show(step: trial_purchase.Step) -> None:
+        status = "ok" if step.ok else "FAIL"
+        out(f"{status:<4}  {step.name}: {printable(step.detail)} ({step.seconds:.2f} s)")
+
+    try:
+        passed = purchase.run(show)
+    except KeyboardInterrupt:
+        print("licensed: interrupted (what it had created at Stripe is cleaned up above)", file=sys.stderr)
+        return 130
+    if passed:
+        took = time.monotonic() - started
+        out(f"a test purchase became a license, and its refund revoked it ({took:.1f} s)")
+        return 0
+    print("licensed: the test purchase did not go through (see FAIL above)", file=sys.stderr)
+    return 1
 
 
 def _cmd_mail(config: Config, out: Callable[[str], None]) -> int:
@@ -425,7 +568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "reconcile":
             return _cmd_reconcile(config, args, out)
         elif args.command == "stripe":
-            _cmd_stripe(config, args, out)
+            return _cmd_stripe(config, args, out)
         elif args.command == "admin":
             _cmd_admin(config, args, out)
         elif args.command == "mail":

@@ -212,6 +212,26 @@ class StripeRateLimited(StripeUnavailable):
     code = "STRIPE_RATE_LIMITED"
 
 
+class StripeKeyRefused(StripeUnavailable):
+    """Stripe refused the key (401), or a restricted key may not make this call (403)."""
+
+    code = "STRIPE_KEY_REFUSED"
+    default_message = "Stripe refused the secret key"
+
+
+class ServerUnreachable(ServiceUnavailable):
+    """This server's public URL (``APP_BASE_URL``) did not answer over the network."""
+
+    code = "SERVER_UNREACHABLE"
+    default_message = "the server at APP_BASE_URL could not be reached"
+
+
+class PurchaseCheckFailed(LicensedError):
+    """A step of the test purchase (``licensed stripe check --e2e``) did not happen in time."""
+
+    code = "PURCHASE_CHECK_FAILED"
+
+
 class WebhookFailed(LicensedError):
     """Processing failed and was rolled back; Stripe should retry."""
 

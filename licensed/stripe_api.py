@@ -18,6 +18,7 @@ from typing import Any
 from .errors import (
     BadRequest,
     NotFound,
+    StripeKeyRefused,
     StripeRateLimited,
     StripeUnavailable,
     ValidationFailed,
@@ -114,10 +115,16 @@ class StripeGateway:
             response = self.client.raw_request(method, path, **params)
         except stripe.RateLimitError as err:
             raise StripeRateLimited("Stripe rate limit") from err
+        except stripe.AuthenticationError as err:
+            raise StripeKeyRefused(f"Stripe refused the secret key ({err.http_status})") from err
+        except stripe.PermissionError as err:
+            raise StripeKeyRefused(
+                f"the key may not {method.upper()} {path} (403): a restricted key needs that permission"
+            ) from err
         except stripe.StripeError as err:
             if err.http_status == 404:
                 raise NotFound(f"Stripe has no {path}") from err
-            if isinstance(err, stripe.InvalidRequestError):
+            if isinstance(err, stripe.InvalidRequestError | stripe.CardError):
                 raise StripeUnavailable(
                     f"Stripe refused {method.upper()} {path}: {err.user_message}"
                 ) from err
@@ -132,6 +139,9 @@ class StripeGateway:
 
     def post(self, path: str, **params: Any) -> dict[str, Any]:
         return self.request("post", path, **params)
+
+    def delete(self, path: str, **params: Any) -> dict[str, Any]:
+        return self.request("delete", path, **params)
 
     def list_all(
         self, path: str, *, limit: int = 100, max_pages: int = 1000, **params: Any

@@ -1076,12 +1076,24 @@ class Reconciler:
             report.repaired += outcome.effect is Effect.CHANGED
 
 
+def webhook_url(base_url: str) -> str:
+    """Where Stripe must send this server's events."""
+    return f"{base_url.rstrip('/')}/api/stripe/webhook"
+
+
 def setup_webhook_endpoint(gateway: StripeGateway, base_url: str) -> tuple[str, str | None, bool]:
-    """Create or update the endpoint at ``base_url``; returns (id, secret or None, created)."""
-    url = f"{base_url}/api/stripe/webhook"
+    """Create or update the endpoint at ``base_url``; returns (id, secret or None, created).
+
+    An existing endpoint gets every handled event type, and is enabled again if
+    it was disabled (Stripe disables an endpoint that failed for days).
+    """
+    url = webhook_url(base_url)
     for endpoint in gateway.list_all("/v1/webhook_endpoints"):
         if endpoint.get("url") == url:
-            gateway.post(f"/v1/webhook_endpoints/{endpoint['id']}", enabled_events=list(HANDLED_EVENTS))
+            changes: dict[str, Any] = {"enabled_events": list(HANDLED_EVENTS)}
+            if endpoint.get("status") == "disabled":
+                changes["disabled"] = "false"
+            gateway.post(f"/v1/webhook_endpoints/{endpoint['id']}", **changes)
             return str(endpoint["id"]), None, False
     created = gateway.post(
         "/v1/webhook_endpoints", url=url, enabled_events=list(HANDLED_EVENTS), description="licensed"

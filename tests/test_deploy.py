@@ -8,6 +8,7 @@ reason otherwise; the structural checks here run everywhere.
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import shlex
 import shutil
@@ -15,6 +16,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from collections.abc import Iterator
@@ -447,3 +449,190 @@ def test_the_distribution_installs_one_import_name(tmp_path: Path) -> None:
     assert shipped == source
     top_level = [name for name in names if name.endswith("top_level.txt")]
     assert [zipfile.ZipFile(wheel).read(n).decode().split() for n in top_level] in ([], [["licensed"]])
+
+
+# --- install.sh: the service user must be able to run the virtualenv ------------------------
+
+
+def needs_root_and_runuser() -> None:
+    """The check runs programs as another user: root and runuser, and a user ``nobody``."""
+    if os.geteuid() != 0 or shutil.which("runuser") is None:
+        pytest.skip("needs root and runuser (util-linux)")
+    try:
+        pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user nobody")
+
+
+def test_install_refuses_a_python_the_service_user_cannot_run(tmp_path: Path) -> None:
+    """A Python in a directory the service user cannot enter (like pyenv's under /root) is
+    refused before a virtualenv is built, with what to do instead."""
+    needs_root_and_runuser()
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    python = private / "python3"
+    python.symlink_to(sys.executable)
+    run = subprocess.run(
+        [
+            "bash",
+            str(INSTALL),
+            "--root",
+            str(tmp_path / "root"),
+            "--source",
+            str(source_copy(tmp_path / "src")),
+            "--no-deps",
+            "--check-user",
+            "nobody",
+            "--python",
+            str(python),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 1
+    assert f"user nobody cannot run {python}" in run.stderr
+    assert "--python /usr/bin/python3" in run.stderr
+    assert "done" not in run.stdout
+    assert not (tmp_path / "root/opt/licensed/bin").exists()
+
+
+def test_install_refuses_a_virtualenv_the_service_user_cannot_run(installed: Path, tmp_path: Path) -> None:
+    """A virtualenv built before (here inside pytest's private temporary directory) that the
+    service user cannot run: no "done", but how to rebuild it."""
+    needs_root_and_runuser()
+    copy = Path(shutil.copytree(installed, tmp_path / "root", symlinks=True))
+    run = subprocess.run(
+        [
+            "bash",
+            str(INSTALL),
+            "--root",
+            str(copy),
+            "--source",
+            str(installed.parent / "src"),
+            "--no-deps",
+            "--check-user",
+            "nobody",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 1
+    assert f"user nobody cannot run {copy}/opt/licensed/bin/python" in run.stderr
+    assert f"rm -rf {copy}/opt/licensed" in run.stderr and "--python /usr/bin/python3" in run.stderr
+    assert "done" not in run.stdout and "nothing changed" not in run.stdout
+
+
+def test_install_with_a_python_the_service_user_can_run(tmp_path: Path) -> None:
+    needs_root_and_runuser()
+    system = Path("/usr/bin/python3")
+    probe = subprocess.run(
+        [str(system), "-c", "import sys, ensurepip, venv; sys.exit(sys.version_info < (3, 11))"],
+        capture_output=True,
+        check=False,
+    )
+    if probe.returncode != 0:
+        pytest.skip("no /usr/bin/python3 of 3.11+ with venv")
+    # The user nobody must be able to walk to the virtualenv: not under pytest's private temp dir.
+    base = Path(tempfile.mkdtemp(prefix="licensed-install-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        run = subprocess.run(
+            [
+                "bash",
+                str(INSTALL),
+                "--root",
+                str(base / "root"),
+                "--source",
+                str(source_copy(tmp_path / "src")),
+                "--no-deps",
+                "--check-user",
+                "nobody",
+                "--python",
+                str(system),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=540,
+        )
+        assert run.returncode == 0, run.stdout + run.stderr
+        lines = run.stdout.splitlines()
+        assert "install.sh: checked: user nobody can run the virtualenv" in lines
+        assert lines[-1] == "install.sh: done"
+        # The slow steps say what they do before doing it.
+        assert lines.index(f"install.sh: building the virtualenv /opt/licensed with {system}") < lines.index(
+            "install.sh: created virtualenv /opt/licensed"
+        )
+        assert any(line.startswith("install.sh: installing licensed from ") for line in lines)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_check_user_needs_root(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("runs as root")
+    run = subprocess.run(
+        ["bash", str(INSTALL), "--root", str(tmp_path / "root"), "--check-user", "nobody"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 1 and "--check-user needs root" in run.stderr
+
+
+def test_deploy_readme_names_the_python_option_and_the_go_live_steps() -> None:
+    text = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    assert "./deploy/install.sh --python /usr/bin/python3" in text
+    go_live = text[text.index("## 6. Stripe, then going live") :]
+    steps = [
+        "licensedctl stripe setup",
+        "licensedctl stripe check ",
+        "licensedctl stripe check --e2e",
+        "live keys (`sk_live_…`, `pk_live_…`)",
+        "`licensedctl stripe check` with the live keys",
+    ]
+    positions = [go_live.index(step) for step in steps]
+    assert positions == sorted(positions), "setup, check, check --e2e, live keys, check again"
+
+
+# --- make: set-up says what it does ------------------------------------------------------------
+
+
+def make_plan(target: str, tmp_path: Path) -> list[str]:
+    """The commands ``make TARGET`` would run on a machine without the virtualenv (``make -n``)."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    # Not as a sub-make of `make test`: that would print "Entering directory" lines.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    run = subprocess.run(
+        ["make", "-n", target, f"VENV={tmp_path / 'venv'}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    return run.stdout.splitlines()
+
+
+def test_make_run_says_what_it_does_before_the_slow_steps(tmp_path: Path) -> None:
+    plan = make_plan("run", tmp_path)
+    venv = plan.index(f"python3 -m venv {tmp_path / 'venv'}")
+    install = next(i for i, line in enumerate(plan) if " -m pip install " in line)
+    serve = next(i for i, line in enumerate(plan) if line.endswith("bin/licensed serve"))
+    for step in (venv, install, serve):
+        assert plan[step - 1].startswith('echo "make: '), plan
+    assert " -q" not in plan[install].split(), "pip's progress must show on a first install"
+
+
+def test_make_test_says_what_it_does_while_it_sets_up(tmp_path: Path) -> None:
+    plan = make_plan("test", tmp_path)
+    # npm ci shows up too where tests/node and clients/node have not been installed yet.
+    installs = [i for i, line in enumerate(plan) if " -m pip install " in line or line.startswith("npm ci ")]
+    assert len(installs) >= 2
+    for step in installs:
+        assert plan[step - 1].startswith('echo "make: '), plan[step]
+        assert " -q" not in plan[step].split()
+    assert plan[-2].startswith('echo "make: ') and plan[-1].endswith("-m pytest -q")

@@ -155,11 +155,12 @@ def test_rate_limits_are_backed_off(services: Any, double: StripeDouble) -> None
 
 
 def test_stripe_setup_creates_then_updates(double: StripeDouble, data_dir: Path) -> None:
+    base_url = f"http://127.0.0.1:{free_port()}"  # nothing listens: the checks after it say so
     env = {
         "DATA_DIR": str(data_dir),
         "STRIPE_SECRET_KEY": "sk_test_double",
         "STRIPE_API_BASE": double.url,
-        "APP_BASE_URL": "https://licenses.example.com",
+        "APP_BASE_URL": base_url,
     }
     os_env = {**os.environ, **env}
     root = Path(__file__).resolve().parent.parent
@@ -178,11 +179,24 @@ def test_stripe_setup_creates_then_updates(double: StripeDouble, data_dir: Path)
     assert first.returncode == 0, first.stderr
     assert "STRIPE_WEBHOOK_SECRET=whsec_" in first.stdout
     [endpoint] = double.endpoints
-    assert endpoint["url"] == "https://licenses.example.com/api/stripe/webhook"
+    assert endpoint["url"] == f"{base_url}/api/stripe/webhook"
     assert sorted(endpoint["enabled_events"]) == sorted(stripe_sync.HANDLED_EVENTS)
+    # Then the go-live checks: the endpoint is right; what is left to do is named.
+    lines = first.stdout.splitlines()
+    assert "ok    secret key: works (test mode)" in lines
+    assert any(line.startswith("ok    webhook endpoint: ") for line in lines)
+    assert any(
+        line.startswith("FAIL  plan pro-monthly: price price_pro_monthly does not exist") for line in lines
+    )
+    assert any(line.startswith(f"FAIL  public URL: cannot reach {base_url}/health") for line in lines)
+    assert lines[-1].endswith("checks failed: fix them, then run `licensed stripe check`")
+
+    endpoint["status"] = "disabled"  # Stripe turned it off after days of failed deliveries
     second = setup()
     assert second.returncode == 0 and "updated" in second.stdout and "whsec_" not in second.stdout
     assert len(double.endpoints) == 1
+    assert endpoint["status"] == "enabled"
+    assert double.requests[-1].method == "GET", "the checks after set-up only read"
 
 
 def test_replay_of_a_failed_event_from_its_stored_payload(services: Any) -> None:

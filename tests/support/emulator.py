@@ -50,9 +50,10 @@ class Emulator:
         data: dict[str, Any] = self.client.raw_request(method, path, **params).data
         return data
 
-    def hook(self, url: str) -> None:
+    def hook(self, url: str, secret: str = WEBHOOK_SECRET) -> None:
+        """Deliver every event to ``url`` from now on, signed with ``secret``."""
         answer = requests.post(
-            f"{self.url}/_config/webhooks/licensed", data={"url": url, "secret": WEBHOOK_SECRET}, timeout=5
+            f"{self.url}/_config/webhooks/licensed", data={"url": url, "secret": secret}, timeout=5
         )
         answer.raise_for_status()
 
@@ -67,9 +68,16 @@ class Emulator:
 
 @pytest.fixture(scope="session")
 def emulator() -> Iterator[Emulator]:
+    with run_emulator() as emu:
+        yield emu
+
+
+@contextlib.contextmanager
+def run_emulator(*options: str) -> Iterator[Emulator]:
+    """localstripe (``options``: see localstripe_server.py) with the test plans' prices as Plans."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, str(HERE / "localstripe_server.py"), str(port)],
+        [sys.executable, str(HERE / "localstripe_server.py"), str(port), *options],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -135,9 +143,23 @@ class Served:
 
 @pytest.fixture
 def served(tmp_path: Path, emulator: Emulator) -> Iterator[Served]:
-    data = tmp_path / "data"
+    with serve(emulator, tmp_path / "data") as server:
+        yield server
+
+
+@contextlib.contextmanager
+def serve(
+    emulator: Emulator,
+    data: Path,
+    *,
+    plans: str = TEST_PLANS,
+    public_url: bool = False,
+    settings: dict[str, str] | None = None,
+) -> Iterator[Served]:
+    """``licensed serve`` on a free port, hooked to ``emulator``. ``public_url``: APP_BASE_URL is
+    the server's own address (else the default); ``settings`` adds or overrides variables."""
     data.mkdir()
-    (data / "plans.toml").write_text(TEST_PLANS, encoding="utf-8")
+    (data / "plans.toml").write_text(plans, encoding="utf-8")
     port = free_port()
     env = {
         **os.environ,
@@ -147,6 +169,8 @@ def served(tmp_path: Path, emulator: Emulator) -> Iterator[Served]:
         "STRIPE_API_BASE": emulator.url,
         "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
         "LOG_LEVEL": "WARNING",
+        **({"APP_BASE_URL": f"http://127.0.0.1:{port}"} if public_url else {}),
+        **(settings or {}),
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "licensed", "serve"],

@@ -1,4 +1,5 @@
-"""A Stripe API double for what localstripe lacks: Checkout and billing portal sessions.
+"""A Stripe API double for what localstripe lacks: Checkout and billing portal sessions,
+webhook endpoints, prices and products, and the balance (whose ``livemode`` tells a key's mode).
 
 It answers over real HTTP on 127.0.0.1 with Stripe's own fixture objects
 (``fixtures3.json``) updated from the request, and records every request so a
@@ -7,6 +8,7 @@ test can check exactly what was sent (form fields, idempotency key, auth).
 
 from __future__ import annotations
 
+import copy
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -36,6 +38,69 @@ class StripeDouble:
     fail_with: int | None = None
     on_get: GetHandler | None = None
     endpoints: list[dict[str, Any]] = field(default_factory=list)
+    prices: dict[str, dict[str, Any]] = field(default_factory=dict)
+    products: dict[str, dict[str, Any]] = field(default_factory=dict)
+    livemode: bool = False
+    """The mode of the account's keys, as ``GET /v1/balance`` tells it."""
+    keys: set[str] | None = None
+    """Secret keys Stripe accepts (401 for others); None accepts any."""
+
+    def add_product(self, product_id: str, *, name: str = "DashCaddy", active: bool = True) -> dict[str, Any]:
+        product = se.fixture("product")
+        product.update(id=product_id, name=name, active=active, livemode=self.livemode)
+        self.products[product_id] = product
+        return product
+
+    def add_price(
+        self,
+        price_id: str,
+        *,
+        product: str = "prod_dashcaddy",
+        recurring: bool = True,
+        active: bool = True,
+        interval: str = "month",
+    ) -> dict[str, Any]:
+        if product not in self.products:
+            self.add_product(product)
+        price = se.fixture("price")
+        price.update(id=price_id, product=product, active=active, livemode=self.livemode)
+        if recurring:
+            price["type"] = "recurring"
+            price["recurring"] = {**price["recurring"], "interval": interval, "interval_count": 1}
+        else:
+            price.update(type="one_time", recurring=None)
+        self.prices[price_id] = price
+        return price
+
+    def add_endpoint(
+        self, url: str, events: list[str] | tuple[str, ...], *, status: str = "enabled"
+    ) -> dict[str, Any]:
+        endpoint = se.fixture("webhook_endpoint")
+        endpoint.update(
+            id=se.uid("we"), url=url, enabled_events=list(events), status=status, livemode=self.livemode
+        )
+        self.endpoints.append(endpoint)
+        return endpoint
+
+    def _get(self, path: str, query: dict[str, str]) -> tuple[int, dict[str, Any]] | None:
+        """The read routes of prices, products and the balance (None: not one of them)."""
+        if path == "/v1/balance":
+            return 200, {**se.fixture("balance"), "livemode": self.livemode}
+        kind, _, object_id = path.removeprefix("/v1/").partition("/")
+        found = {"prices": self.prices, "products": self.products}.get(kind)
+        if found is None or not object_id or "/" in object_id:
+            return None
+        if object_id not in found:
+            return 404, _missing(f"No such {kind[:-1]}: '{object_id}'")
+        obj = copy.deepcopy(found[object_id])
+        expand = {v for k, v in query.items() if k.startswith("expand")}
+        if kind == "prices" and "product" in expand and obj["product"] in self.products:
+            obj["product"] = copy.deepcopy(self.products[obj["product"]])
+        return 200, obj
+
+
+def _missing(message: str) -> dict[str, Any]:
+    return {"error": {"type": "invalid_request_error", "code": "resource_missing", "message": message}}
 
 
 def _respond(handler: BaseHTTPRequestHandler, status: int, body: dict[str, Any]) -> None:
@@ -62,11 +127,25 @@ def stripe_double() -> Iterator[StripeDouble]:
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
+        def _refused(self) -> bool:
+            """Stripe's 401 for a key it does not know."""
+            given = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
+            if double.keys is None or given in double.keys:
+                return False
+            error = {"type": "invalid_request_error", "message": "Invalid API Key provided: sk_****"}
+            _respond(self, 401, {"error": error})
+            return True
+
         def do_GET(self) -> None:
             parsed = urllib.parse.urlsplit(self.path)
             query = dict(urllib.parse.parse_qsl(parsed.query))
             double.requests.append(Recorded("GET", parsed.path, query, dict(self.headers.items())))
-            if parsed.path == "/v1/webhook_endpoints":
+            if self._refused():
+                return
+            answer = double._get(parsed.path, query)
+            if answer is not None:
+                _respond(self, *answer)
+            elif parsed.path == "/v1/webhook_endpoints":
                 _respond(self, 200, {"object": "list", "data": double.endpoints, "has_more": False})
             elif double.on_get is not None:
                 _respond(self, *double.on_get(parsed.path, query))
@@ -77,6 +156,8 @@ def stripe_double() -> Iterator[StripeDouble]:
             length = int(self.headers.get("Content-Length") or 0)
             form = dict(urllib.parse.parse_qsl(self.rfile.read(length).decode()))
             double.requests.append(Recorded("POST", self.path, form, dict(self.headers.items())))
+            if self._refused():
+                return
             if double.fail_with:
                 _respond(self, double.fail_with, {"error": {"type": "api_error", "message": "boom"}})
                 return
@@ -119,6 +200,8 @@ def stripe_double() -> Iterator[StripeDouble]:
                 for endpoint in double.endpoints:
                     if endpoint["id"] == endpoint_id:
                         endpoint["enabled_events"] = _listed(form, "enabled_events")
+                        if "disabled" in form:
+                            endpoint["status"] = "disabled" if form["disabled"] == "true" else "enabled"
                         _respond(self, 200, endpoint)
                         return
                 _respond(self, 404, {"error": {"type": "invalid_request_error", "message": "no endpoint"}})
