@@ -26,12 +26,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import stripe  # noqa: E402
+import stripe_sync  # noqa: E402
+from config import Config  # noqa: E402
 from conftest import TEST_PLANS  # noqa: E402
 from localstripe_fixtures import Emulator, free_port, wait_for  # noqa: E402
 
 import licensed  # noqa: E402
-import stripe_sync  # noqa: E402
-from config import Config  # noqa: E402
 
 
 def start_emulator() -> tuple[subprocess.Popen[bytes], Emulator]:

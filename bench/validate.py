@@ -50,8 +50,9 @@ def bare_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Ite
 
 def serve_bare(threads: int) -> None:
     """The bare app under the very server settings ``licensed serve`` uses."""
-    import licensed
     from config import Config
+
+    import licensed
 
     server = licensed.create_server(bare_app, Config(port=0, threads=threads))  # type: ignore[arg-type]
     print(json.dumps({"url": f"http://127.0.0.1:{server.effective_port}"}), flush=True)
@@ -172,9 +173,10 @@ def wait_for_url(log: Path, process: subprocess.Popen[bytes], timeout: float = 3
 
 
 def issue_key(data_dir: Path) -> str:
-    import licensed
     import licensing
     from config import Config
+
+    import licensed
 
     config = Config(data_dir=data_dir)
     licensed.init_data_dir(config, int(time.time()))

@@ -30,12 +30,12 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+import licensing  # noqa: E402
 import stripe_events as se  # noqa: E402
+from config import Config  # noqa: E402
 from server_proc import BASE_URL, ServerProcess, make_data_dir  # noqa: E402
 
 import licensed  # noqa: E402
-import licensing  # noqa: E402
-from config import Config  # noqa: E402
 
 SECRET = se.SECRET
 
