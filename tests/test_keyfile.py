@@ -24,7 +24,7 @@ from licensed import keyfile, keys, licensing
 from licensed.config import Config
 from licensed.errors import ConfigError, KeyConflict, KeyFileError, WrongPassphrase
 from licensed.keys import KeyRing, SigningKey
-from licensed.server import init_data_dir
+from licensed.server import init_data_dir, missing_signers
 from licensed.services import build_services
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -320,3 +320,32 @@ def test_no_new_key_for_a_database_that_holds_licenses(source: Config, tmp_path:
     # Once the license has expired, a new key harms no one.
     init_data_dir(source, int(time.time()) + 60 * 86400)
     assert len(KeyRing(source.keys_dir).keys) == 1
+
+
+def test_keys_missing_from_the_ring_are_named(source: Config, tmp_path: Path) -> None:
+    """An import of an export older than the last rotation: the server starts, and says which
+    signer of live keys it lacks."""
+    (source.data_dir / "plans.toml").write_text(TEST_PLANS, encoding="utf-8")
+    older = tmp_path / "older.licensed-keys"
+    retired, newest = KeyRing(source.keys_dir).keys
+    data, _ = keyfile.seal([retired], PASSPHRASE.encode(), time.time(), **FAST)
+    older.write_bytes(data)
+    services = build_services(source)
+    try:
+        plan = services.catalog.plans["pro-monthly"]
+        licensing.issue_license(
+            services.store, services.ring, plan, email="a@example.com", now=services.now(), actor="t", days=30
+        )
+        assert missing_signers(services) == []
+    finally:
+        services.store.close()
+    restored = config_for(tmp_path / "restored")
+    restored.data_dir.mkdir(mode=0o700)
+    (restored.data_dir / "plans.toml").write_text(TEST_PLANS, encoding="utf-8")
+    (source.data_dir / "licensed.sqlite3").rename(restored.db_path)
+    keyfile.import_keys(restored, older)
+    services = build_services(restored)
+    try:
+        assert missing_signers(services) == [newest.kid]
+    finally:
+        services.store.close()

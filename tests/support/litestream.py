@@ -180,21 +180,30 @@ class Replicated:
 
     def kill(self) -> None:
         """SIGKILL to Litestream and to licensed: nothing gets to flush or upload."""
-        for pid in (self.proc.pid if self.proc else None, self.server_pid):
-            if pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        if self.server_pid is not None and self._is_our_server(self.server_pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.server_pid, signal.SIGKILL)
         if self.proc is not None:
             self.proc.wait(timeout=10)
         if self.server_pid is not None:
             deadline = time.monotonic() + 10
-            while Path(f"/proc/{self.server_pid}").exists() and time.monotonic() < deadline:
+            while self._is_our_server(self.server_pid) and time.monotonic() < deadline:
                 # Orphaned by Litestream's death: a zombie until init reaps it, but dead.
                 with contextlib.suppress(OSError):
                     if Path(f"/proc/{self.server_pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
                         break
                 time.sleep(0.02)
         self.server_pid = None
+
+    @staticmethod
+    def _is_our_server(pid: int) -> bool:
+        """Whether ``pid`` still is the ``licensed serve`` started here (not a reused pid)."""
+        try:
+            return b"licensed\x00serve" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return False
 
     def stop(self) -> None:
         """SIGTERM to Litestream: it passes it on to licensed and uploads what is left."""
