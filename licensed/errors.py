@@ -271,3 +271,32 @@ class ImportRefused(ValidationFailed):
     def __init__(self, message: str, report: dict[str, Any]) -> None:
         super().__init__(message)
         self.report = report
+
+
+# --- signing key export files ------------------------------------------------------
+
+
+class KeyFileError(LicensedError):
+    """A signing key export file that cannot be written, read or trusted."""
+
+    status = 400
+    code = "KEY_FILE_INVALID"
+    default_message = "the key file is not valid"
+
+
+class WrongPassphrase(KeyFileError):
+    """Decryption failed: the passphrase differs from the export's, or the file was altered
+    (authenticated encryption cannot tell the two apart)."""
+
+    status = 403
+    code = "WRONG_PASSPHRASE"
+    default_message = "wrong passphrase, or the key file was altered"
+
+
+class KeyConflict(KeyFileError):
+    """The file holds a key whose kid names a different key here: kids are derived from
+    the public key, so one of the two is forged or corrupt. Nothing is replaced."""
+
+    status = 409
+    code = "KEY_CONFLICT"
+    default_message = "a different key with the same kid is already here"

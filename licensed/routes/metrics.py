@@ -9,7 +9,7 @@ from ..web import Request, Response, Route
 
 def routes(services: Services, registry: Metrics = REGISTRY) -> list[Route]:
     def handler(request: Request) -> Response:
-        text = registry.render(services.store, services.clock())
+        text = registry.render(services.store, services.clock(), services.config.litestream_socket)
         return Response(raw=text.encode("utf-8"), content_type=CONTENT_TYPE)
 
     return [Route("GET", "/metrics", handler, "Prometheus metrics", tag="ops", media_type="text/plain")]
