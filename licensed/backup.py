@@ -9,7 +9,6 @@ and an existing file is never replaced unless asked to.
 
 from __future__ import annotations
 
-import os
 import secrets
 import time
 from contextlib import suppress
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from .config import Config
 from .errors import BackupFailed, Conflict, StorageUnavailable, ValidationFailed
+from .files import fsync_path, publish
 from .store import Store, integrity_check, open_store
 
 
@@ -29,14 +29,6 @@ def check_copy(path: Path) -> None:
     report = integrity_check(path)
     if report != ["ok"]:
         raise BackupFailed(f"the copy failed integrity_check: {'; '.join(report[:3])}")
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def backup(store: Store, target: Path, *, force: bool = False) -> Path:
@@ -54,20 +46,11 @@ def backup(store: Store, target: Path, *, force: bool = False) -> Path:
     try:
         store.backup_to(tmp)
         check_copy(tmp)
-        _fsync(tmp)
-        if force:
-            os.replace(tmp, target)
-        else:
-            try:
-                os.link(tmp, target)  # fails if the name was taken meanwhile, unlike a rename
-            except FileExistsError as err:
-                raise _exists(target) from err
-            except OSError:
-                # No hard links on this file system: check, then rename.
-                if target.exists():
-                    raise _exists(target) from None
-                os.replace(tmp, target)
-        _fsync(target.parent)
+        fsync_path(tmp)
+        try:
+            publish(tmp, target, force=force)
+        except FileExistsError as err:
+            raise _exists(target) from err
     except OSError as err:
         raise BackupFailed(f"cannot write {target}: {err.strerror or err}") from err
     finally:

@@ -38,6 +38,7 @@ import nacl.secret
 from . import keys
 from .config import Config
 from .errors import ConfigError, Conflict, KeyConflict, KeyFileError, WrongPassphrase
+from .files import publish
 from .keys import KeyRing, SigningKey
 
 FORMAT = "licensed-keys"
@@ -213,23 +214,10 @@ def _write_private(target: Path, data: bytes, *, force: bool) -> None:
             with contextlib.suppress(OSError):
                 os.close(fd)
             raise
-        if force:
-            os.replace(tmp, target)
-        else:
-            try:
-                os.link(tmp, target)  # fails if the name was taken meanwhile, unlike a rename
-            except FileExistsError as err:
-                raise _exists(target) from err
-            except OSError:
-                # No hard links on this file system: check, then rename.
-                if target.exists():
-                    raise _exists(target) from None
-                os.replace(tmp, target)
-        dir_fd = os.open(target.parent, os.O_RDONLY)
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            publish(tmp, target, force=force)
+        except FileExistsError as err:
+            raise _exists(target) from err
     except OSError as err:
         raise KeyFileError(f"cannot write {target}: {err.strerror or err}") from err
     finally:
