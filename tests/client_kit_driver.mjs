@@ -4,7 +4,16 @@
 // between two starts of an application. An error answers {"error": name, "message"}.
 import { createInterface } from 'node:readline';
 
-import { LicenseClient, machineFingerprint, machineId } from '../clients/node/licensed-client.mjs';
+import {
+  CODES,
+  LicenseClient,
+  MESSAGES,
+  RELEASE_MESSAGES,
+  VALID_CODES,
+  machineFingerprint,
+  machineId,
+  machineLabel,
+} from '../clients/node/licensed-client.mjs';
 
 async function run(args) {
   if (args.op === 'machine-id') {
@@ -13,6 +22,15 @@ async function run(args) {
       ids: args.pairs.map(([salt, fingerprint]) => machineId(salt, fingerprint ?? undefined)),
     };
   }
+  if (args.op === 'codes') {
+    return {
+      codes: CODES,
+      valid: VALID_CODES,
+      messages: MESSAGES,
+      releaseMessages: RELEASE_MESSAGES,
+    };
+  }
+  if (args.op === 'machine-label') return { labels: args.texts.map((t) => machineLabel(t ?? undefined)) };
   const client = new LicenseClient({
     serverUrl: args.serverUrl,
     jwks: args.jwks,
@@ -24,6 +42,7 @@ async function run(args) {
     now: () => args.now,
     timeoutMs: 5000,
     persistJwks: Boolean(args.persistJwks),
+    label: args.label ?? null,
   });
   switch (args.op) {
     case 'activate':
@@ -34,6 +53,10 @@ async function run(args) {
       return client.deactivate();
     case 'offline':
       return client.checkOffline();
+    case 'machines':
+      return client.machines(args.key ?? null);
+    case 'release':
+      return client.release(args.machine, args.key ?? null);
     default:
       throw new Error(`unknown op ${args.op}`);
   }

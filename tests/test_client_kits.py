@@ -9,12 +9,15 @@ per call, so everything that survives between calls is in the state file.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import json
 import os
+import re
 import select
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -125,6 +128,7 @@ class Kit:
     product: str | None = "dashcaddy"
     key_prefix: str = "DC"
     persist_jwks: bool = False
+    label: str | None = None
     driver: NodeDriver | None = None
 
     def activate(self, key: str, machine: str | None = None) -> dict[str, Any]:
@@ -139,6 +143,12 @@ class Kit:
     def offline(self) -> dict[str, Any]:
         return self.call("offline")
 
+    def machines(self, key: str | None = None) -> dict[str, Any]:
+        return self.call("machines", key=key)
+
+    def release(self, machine: str, key: str | None = None) -> dict[str, Any]:
+        return self.call("release", key=key, ref=machine)
+
     def state(self) -> dict[str, Any]:
         if not self.state_path.exists():
             return {}
@@ -148,7 +158,9 @@ class Kit:
     def write_state(self, state: dict[str, Any]) -> None:
         self.state_path.write_text(json.dumps(state), encoding="utf-8")
 
-    def call(self, op: str, key: str | None = None, machine: str | None = None) -> dict[str, Any]:
+    def call(
+        self, op: str, key: str | None = None, machine: str | None = None, ref: str | None = None
+    ) -> dict[str, Any]:
         if self.kind == "node":
             assert self.driver is not None
             answer = self.driver.call(
@@ -163,11 +175,24 @@ class Kit:
                     "machineId": self.machine_id,
                     "now": self.clock.now,
                     "persistJwks": self.persist_jwks,
+                    "label": self.label,
                     "key": key,
                     "activateMachineId": machine,
+                    "machine": ref,
                 }
             )
-            answer["lease_expires_at"] = answer.pop("leaseExpiresAt")
+            if op == "machines":
+                answer["machines"] = [
+                    {
+                        "id": m["id"],
+                        "label": m["label"],
+                        "activated_at": m["activatedAt"],
+                        "last_seen_at": m["lastSeenAt"],
+                    }
+                    for m in answer["machines"]
+                ]
+            else:
+                answer["lease_expires_at"] = answer.pop("leaseExpiresAt")
             return answer
         client = lc.LicenseClient(
             self.server_url,
@@ -180,11 +205,25 @@ class Kit:
             now=self.clock,
             timeout=5,
             persist_jwks=self.persist_jwks,
+            label=self.label,
         )
         try:
+            if op == "machines":
+                listing = client.machines(key)
+                return {
+                    "code": listing.code,
+                    "valid": listing.valid,
+                    "online": listing.online,
+                    "machines": [dataclasses.asdict(m) for m in listing.machines],
+                    "reason": listing.reason,
+                    "message": listing.message,
+                }
             if op == "activate":
                 assert key is not None
                 result = client.activate(key, machine)
+            elif op == "release":
+                assert ref is not None
+                result = client.release(ref, key)
             elif op == "validate":
                 result = client.validate()
             elif op == "deactivate":
@@ -369,6 +408,192 @@ def test_state_file_copied_to_another_machine_is_worthless(server: Restartable, 
     answer = copy.offline()
     assert (answer["code"], answer["valid"]) == ("MACHINE_NOT_ACTIVATED", False)
     assert original.offline()["valid"] is True
+
+
+# --- the machines list, release, labels -------------------------------------------------
+
+
+def _mentions(listing: dict[str, Any], machine: str) -> bool:
+    """Whether an answer carries a machine id, raw or hashed."""
+    text = json.dumps(listing)
+    return machine in text or hashlib.sha256(machine.encode()).hexdigest() in text
+
+
+def test_a_dead_machine_is_released_from_the_new_one(server: Restartable, make_kit: MakeKit) -> None:
+    """One seat, held by a server that died: its reinstalled successor, refused, lists the
+    machines with the key the user entered, releases the dead one and activates."""
+    key = server.issue("pro-monthly", days=30)
+    dead = make_kit("dead", label="web-1")
+    assert dead.activate(key)["code"] == "VALID"
+    server.clock.advance(2 * DAY)
+    new = make_kit("new", label="web-1 (reinstalled)")
+    assert new.activate(key)["code"] == "TOO_MANY_MACHINES"
+
+    listing = new.machines(key)
+    assert (listing["code"], listing["valid"], listing["online"]) == (None, True, True)
+    [machine] = listing["machines"]
+    assert machine["label"] == "web-1" and machine["id"].startswith("mch_")
+    assert machine["activated_at"] == machine["last_seen_at"] == T0
+    assert not _mentions(listing, dead.machine_id)
+
+    released = new.release(machine["id"], key)
+    assert (released["code"], released["valid"], released["online"]) == ("DEACTIVATED", True, True)
+    assert released["license"]["machines_used"] == 0
+    assert released["message"] == lc.RELEASE_MESSAGES["DEACTIVATED"]
+    assert not new.state_path.exists()  # listing and releasing store nothing
+
+    arrived = new.activate(key)
+    assert (arrived["code"], arrived["valid"]) == ("VALID", True)
+    [now_held] = new.machines()["machines"]  # the stored key from here on
+    assert (now_held["label"], now_held["activated_at"]) == ("web-1 (reinstalled)", T0 + 2 * DAY)
+    assert now_held["id"] != machine["id"]
+
+    again = new.release(machine["id"])
+    assert (again["code"], again["valid"], again["online"]) == ("MACHINE_NOT_ACTIVATED", True, True)
+    assert again["message"] == lc.RELEASE_MESSAGES["MACHINE_NOT_ACTIVATED"]
+    assert new.validate()["code"] == "VALID"
+    assert dead.validate()["code"] == "TOO_MANY_MACHINES"  # back from the dead: its seat is gone
+
+
+def test_a_live_machine_releases_a_dead_one(server: Restartable, make_kit: MakeKit) -> None:
+    key = server.issue("team-monthly", days=30)  # three seats
+    live = make_kit("live")  # no label given: the host name
+    dead = make_kit("dead", label="old-nas\tbackup\u200b" + "x" * 80)
+    quiet = make_kit("quiet", label="")  # sends none
+    for kit in (live, dead, quiet):
+        assert kit.activate(key)["code"] == "VALID"
+        server.clock.advance(60)
+    kept = live.state_path.read_bytes()
+
+    listing = live.machines()
+    labels = [m["label"] for m in listing["machines"]]
+    assert labels == [lc.machine_label(), lc.machine_label(dead.label), None]
+    assert labels[0] and labels[1] == "old-nas backup " + "x" * 49
+    assert [m["activated_at"] for m in listing["machines"]] == [T0, T0 + 60, T0 + 120]
+    ids = [m["id"] for m in listing["machines"]]
+    assert len(set(ids)) == 3
+    assert not any(_mentions(listing, kit.machine_id) for kit in (live, dead, quiet))
+
+    released = live.release(ids[1])
+    assert (released["code"], released["valid"], released["online"]) == ("DEACTIVATED", True, True)
+    assert released["license"]["machines_used"] == 2
+    assert live.state_path.read_bytes() == kept  # this machine's own licence is untouched
+    assert live.validate()["code"] == "VALID"
+    assert [m["id"] for m in live.machines()["machines"]] == [ids[0], ids[2]]
+
+    unknown = live.release("mch_" + "0" * 24)
+    assert (unknown["code"], unknown["valid"]) == ("MACHINE_NOT_ACTIVATED", True)
+    assert len(live.machines()["machines"]) == 2
+
+    # Released while it still runs: it takes a free seat again at its next check.
+    back = dead.validate()
+    assert (back["code"], back["valid"], back["online"]) == ("VALID", True, True)
+    assert [m["label"] for m in live.machines()["machines"]][-1] == labels[1]
+
+
+def test_machines_and_release_without_a_good_key(server: Restartable, make_kit: MakeKit) -> None:
+    kit = make_kit()
+    bad = "DC-PRO-not.a.key"
+    listing = kit.machines(bad)
+    assert (listing["code"], listing["valid"], listing["online"], listing["machines"]) == (
+        "INVALID_KEY",
+        False,
+        True,
+        [],
+    )
+    assert listing["message"] == lc.MESSAGES["INVALID_KEY"]
+    refused = kit.release("mch_" + "0" * 24, bad)
+    assert (refused["code"], refused["valid"], refused["online"]) == ("INVALID_KEY", False, True)
+    assert refused["message"] == lc.MESSAGES["INVALID_KEY"]
+
+    # No key given or stored: nothing to ask the server.
+    assert (kit.machines()["code"], kit.machines()["online"]) == ("MACHINE_NOT_ACTIVATED", False)
+    assert (kit.release("mch_x")["code"], kit.release("mch_x")["online"]) == ("MACHINE_NOT_ACTIVATED", False)
+    assert not kit.state_path.exists()
+
+    key = server.issue("pro-monthly", days=30)
+    with pytest.raises(KitError) as malformed:
+        kit.release("web-1", key)  # a label, not an id from the list
+    assert malformed.value.kind == "ServerError" and "VALIDATION_ERROR" in str(malformed.value)
+    server.stop()
+    for call in (lambda: kit.machines(key), lambda: kit.release("mch_" + "0" * 24, key)):
+        with pytest.raises(KitError) as down:
+            call()
+        assert down.value.kind == "ServerUnreachable"
+
+
+def test_a_renamed_machine_shows_its_new_label(server: Restartable, make_kit: MakeKit) -> None:
+    key = server.issue("pro-monthly", days=30)
+    kit = make_kit(label="nas")
+    kit.activate(key)
+    kit.label = "nas-attic"
+    server.clock.advance(3600)  # the server writes a seen machine at most hourly
+    assert kit.validate()["code"] == "VALID"
+    assert [m["label"] for m in kit.machines()["machines"]] == ["nas-attic"]
+
+
+def test_the_machine_id_is_never_the_label(make_kit: MakeKit) -> None:
+    kit = make_kit()
+    kit.label = kit.machine_id
+    with pytest.raises((ValueError, KitError), match="machine id"):
+        kit.offline()
+
+
+def test_a_machine_id_is_one_machine_however_spelled(server: Restartable, make_kit: MakeKit) -> None:
+    """The server trims and NFC-normalises machine ids before hashing: the kits check a
+    lease's ``mid`` the same way, so ids with spaces or decomposed letters still work."""
+    key = server.issue("pro-monthly", days=30)  # one seat
+    spaced = make_kit("nfd")
+    spaced.machine_id = "  Ce\u0301line-box "
+    first = spaced.activate(key)
+    assert (first["code"], first["valid"]) == ("VALID", True)
+    plain = make_kit("nfc")
+    plain.machine_id = "C\u00e9line-box"
+    assert plain.activate(key)["code"] == "VALID"  # the same machine: the same seat
+    server.stop()
+    for kit in (spaced, plain):
+        assert kit.offline()["valid"] is True
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.text(max_size=100), min_size=1, max_size=20))
+def test_both_kits_make_the_same_labels_and_the_server_takes_them(
+    node_driver: NodeDriver, texts: list[str]
+) -> None:
+    fixed: list[str | None] = [None, "lone\ud800surrogate", "\U0001f5a5" * 70, "web-1\u200d\t\n"]
+    ask = [*texts, *fixed]
+    answer = node_driver.call({"op": "machine-label", "texts": ask})
+    expected = [lc.machine_label(t) for t in ask]
+    assert answer["labels"] == expected
+    host = lc.machine_label(socket.gethostname())
+    assert expected[-4:] == [host, "lone surrogate", "\U0001f5a5" * 64, "web-1"]
+    for label in expected:
+        if label is not None:
+            assert 1 <= len(label) <= 64 and label == label.strip()
+            assert re.fullmatch(licensing.MACHINE_ID_PATTERN, label), label
+
+
+# --- the answer codes ------------------------------------------------------------------------
+
+
+def test_the_python_kit_knows_exactly_the_servers_codes() -> None:
+    assert len(lc.CODES) == len(set(lc.CODES))
+    assert set(lc.CODES) == set(licensing.ALL_CODES)
+    assert lc.VALID_CODES == licensing.VALID_CODES
+    assert set(lc.MESSAGES) == set(lc.CODES)
+    assert set(lc.RELEASE_MESSAGES) == {licensing.DEACTIVATED, licensing.MACHINE_NOT_ACTIVATED}
+    # Every code has its handling: valid, a denial the state file keeps, or the two seat codes.
+    handled = lc.VALID_CODES | lc._DENIALS | {lc.DEACTIVATED, lc.MACHINE_NOT_ACTIVATED}
+    assert handled == set(lc.CODES)
+
+
+def test_the_node_kit_knows_exactly_the_servers_codes(node_driver: NodeDriver) -> None:
+    answer = node_driver.call({"op": "codes"})
+    assert len(answer["codes"]) == len(set(answer["codes"]))
+    assert set(answer["codes"]) == set(licensing.ALL_CODES)
+    assert set(answer["valid"]) == licensing.VALID_CODES
+    assert answer["messages"] == lc.MESSAGES  # both kits tell the user the same
+    assert answer["releaseMessages"] == lc.RELEASE_MESSAGES
 
 
 # --- renewal, revocation, suspension ---------------------------------------------------

@@ -6,6 +6,9 @@
 //                             renewed key or a fresh lease; falls back to the stored lease
 //                             when the server cannot be reached
 //   deactivate()              frees this machine's seat so the license can move
+//   machines(key?)            lists the machines holding the license's seats, with their labels
+//   release(id, key?)         frees the seat of another machine (dead, reinstalled) by its id
+//                             from that list, so that a new machine can activate
 //   checkOffline()            judges the stored key and lease with the public keys alone
 //
 // The rule when the server cannot be reached: licensed until the stored lease's `exp`,
@@ -40,6 +43,12 @@ export const CODES = Object.freeze([
 ]);
 export const VALID_CODES = Object.freeze(['VALID', 'GRACE_PERIOD']);
 
+/** What release() says for its own two outcomes (other codes: MESSAGES). */
+export const RELEASE_MESSAGES = Object.freeze({
+  DEACTIVATED: 'The machine has been released: its seat is free for another machine.',
+  MACHINE_NOT_ACTIVATED: 'That machine holds no seat any more (it may have been released already).',
+});
+
 /** What an application may show its user for each code. */
 export const MESSAGES = Object.freeze({
   VALID: 'Your license is active.',
@@ -64,6 +73,7 @@ const ALGORITHM = 'EdDSA';
 const MAX_TOKEN_LENGTH = 8192;
 const MAX_ANSWER_BYTES = 1 << 20;
 const STATE_FORMAT = 1;
+const MAX_LABEL_LENGTH = 64;
 // Codes a server answer leaves in the state file: the offline check repeats them.
 const DENIALS = new Set([
   'EXPIRED',
@@ -114,7 +124,7 @@ function result(code, valid, online, license = null, extra = {}) {
     leaseExpiresAt: extra.leaseExpiresAt ?? null,
     features: extra.features ?? [],
     reason: extra.reason ?? '',
-    message: MESSAGES[code] ?? code,
+    message: extra.message || (MESSAGES[code] ?? code),
   };
 }
 
@@ -175,9 +185,47 @@ function trimAscii(value) {
   return String(value).replace(/^[ \t\r\n]+|[ \t\r\n]+$/g, '');
 }
 
-/** What a lease's `mid` holds: SHA-256 of the machine id, hex. */
+/** SHA-256 of a machine id, hex: what a lease's `mid` holds for a canonical id. */
 export function machineHash(id) {
   return createHash('sha256').update(id, 'utf8').digest('hex');
+}
+
+// The `mid` a lease for this machine may carry. The server hashes the id trimmed of white
+// space at its ends and NFC-normalised ("host-A " and "host-A" are one machine); leases it
+// issued before it did that hash the id as sent. (Python's strip and String.trim differ only
+// on characters the server refuses in a machine id.)
+function leaseMids(id) {
+  return [machineHash(id.trim().normalize('NFC')), machineHash(id)];
+}
+
+// What the server refuses in a label: controls, invisible format and separator characters,
+// private use, lone surrogates. The Python kit uses the same class.
+const UNPRINTABLE =
+  /[\x00-\x1f\x7f-\xa0\xad\u0600-\u0605\u061c\u06dd\u070f\u1680\u180e\u2000-\u200f\u2028-\u202f\u205f-\u206f\u3000\ud800-\udfff\ue000-\uf8ff\ufeff\ufff9-\ufffb]+/gu;
+
+/**
+ * A label the server accepts, made from `text` (by default this host's name).
+ * The label is what the customer sees for this machine in the machines list, so it names
+ * the machine the way its owner does; it is never the machine id. Characters the server
+ * refuses become a space, spaces at the ends go, and the rest is cut to 64 characters
+ * (code points). null when nothing is left (or no host name).
+ */
+export function machineLabel(text = undefined) {
+  let raw = text;
+  if (raw === undefined || raw === null) {
+    try {
+      raw = hostname();
+    } catch {
+      return null;
+    }
+  }
+  if (typeof raw !== 'string') throw new TypeError('a label is text');
+  const cleaned = trimSpaces(raw.replace(UNPRINTABLE, ' '));
+  return trimSpaces(Array.from(cleaned).slice(0, MAX_LABEL_LENGTH).join('')) || null;
+}
+
+function trimSpaces(value) {
+  return value.replace(/^ +| +$/g, '');
 }
 
 // --- the client ---------------------------------------------------------------------
@@ -215,6 +263,12 @@ function parseJwks(jwks) {
  * when given). `machineId` should be machineId(salt) of this machine: with it, a state file
  * copied to another machine is worthless there. `now` returns epoch seconds; tests move it.
  *
+ * `label` is what the customer sees for this machine in the machines list (machines(), the
+ * account page): left out (or null), it is this host's name; give the name your users know
+ * the installation by, or '' to send none. It goes with every activation and validation (a
+ * renamed host shows its new name once the server next records the machine, at most hourly),
+ * cleaned by machineLabel().
+ *
  * Keys fetched from /.well-known/jwks.json are trusted for the life of the object.
  * `persistJwks: true` also keeps them in the state file and trusts them after a restart,
  * which carries offline use across a signing-key rotation, but lets whoever can edit the
@@ -232,6 +286,7 @@ export class LicenseClient {
     now = () => Date.now() / 1000,
     timeoutMs = 10000,
     persistJwks = false,
+    label = null,
   }) {
     const url = new URL(serverUrl);
     if (url.protocol !== 'http:' && url.protocol !== 'https:') {
@@ -250,6 +305,10 @@ export class LicenseClient {
     this.now = now;
     this.timeoutMs = timeoutMs;
     this.persistJwks = persistJwks;
+    this.label = label === '' ? null : machineLabel(label);
+    if (this.label !== null && this.label === machineId) {
+      throw new TypeError('the label is shown to the customer: name the machine, not its machine id');
+    }
     this.bundled = parseJwks(jwks);
     if (this.bundled.size === 0) throw new TypeError('the JWKS holds no Ed25519 key');
     this.fetched = new Map();
@@ -258,7 +317,7 @@ export class LicenseClient {
     this.keySet = null;
   }
 
-  // --- the three calls ----------------------------------------------------------------
+  // --- the calls ----------------------------------------------------------------------
 
   /**
    * Take a seat for this machine; on success the key and lease are stored.
@@ -269,7 +328,7 @@ export class LicenseClient {
     const machine = machineId || this.machineId;
     if (!machine) throw new TypeError('activate needs a machine id (see machineId())');
     const trimmed = String(key).trim();
-    const answer = await this.request('POST', '/api/license/activate', this.body(trimmed, machine));
+    const answer = await this.request('POST', '/api/license/activate', this.body(trimmed, machine, true));
     const code = answerCode(answer);
     if (!VALID_CODES.includes(code)) {
       return result(code, false, true, licenseOf(answer), { reason: 'refused by the server' });
@@ -288,7 +347,7 @@ export class LicenseClient {
     let answer;
     let code;
     try {
-      answer = await this.request('POST', '/api/license/validate', this.body(key, machine));
+      answer = await this.request('POST', '/api/license/validate', this.body(key, machine, true));
       code = answerCode(answer);
       if (VALID_CODES.includes(code)) return await this.accept(answer, key, machine, state);
     } catch (err) {
@@ -315,6 +374,57 @@ export class LicenseClient {
     return result(code, false, true, licenseOf(answer), { reason: 'key and lease forgotten here' });
   }
 
+  /**
+   * The machines holding the license's seats, oldest activation first:
+   * `{code, valid, online, machines: [{id, label, activatedAt, lastSeenAt}], reason, message}`.
+   * `code` is null when the server took the key (`valid` then says whether the license is in
+   * good standing), else why not (INVALID_KEY, NOT_FOUND, PRODUCT_MISMATCH, or
+   * MACHINE_NOT_ACTIVATED when no key was given or stored), with no machines. `id` is opaque
+   * (mch_…), never the machine id; `label` is null for a machine that sent none; times are
+   * epoch seconds.
+   * `key` defaults to the stored one; pass the key the user entered on a machine that has none
+   * yet (refused with TOO_MANY_MACHINES: a seat is held by a machine that is gone). Needs the
+   * server: throws ServerUnreachable when it cannot be reached. The state file is not touched.
+   */
+  async machines(key = null) {
+    const presented = key !== null && key !== undefined ? String(key).trim() : text(await this.readState(), 'key');
+    if (!presented) {
+      return listing('MACHINE_NOT_ACTIVATED', false, false, [], 'no license key given or stored');
+    }
+    const answer = await this.request('POST', '/api/license/machines', this.body(presented));
+    const code = answer.code === undefined || answer.code === null ? null : answerCode(answer);
+    if (typeof answer.valid !== 'boolean' || !Array.isArray(answer.machines)) {
+      throw new ServerUnreachable('the machines answer is not a machines list');
+    }
+    const machines = answer.machines.map(machineOf);
+    return listing(code, answer.valid, true, machines, code ? 'refused by the server' : '');
+  }
+
+  /**
+   * Free the seat of another machine, named by its `id` from machines(): for a machine that
+   * cannot deactivate itself (dead, reinstalled, out of reach). `code` is DEACTIVATED when the
+   * seat was freed (activate the new machine next), MACHINE_NOT_ACTIVATED when no machine with
+   * that id holds a seat (already released), or the key's refusal. `valid` is the license's
+   * standing: this machine's own state is not touched (a machine that releases itself gets its
+   * seat back at its next validation, if one is free). `key` as for machines(). Needs the
+   * server (throws ServerUnreachable).
+   */
+  async release(machine, key = null) {
+    if (typeof machine !== 'string' || !machine) throw new TypeError("release needs a machine's id from machines()");
+    const presented = key !== null && key !== undefined ? String(key).trim() : text(await this.readState(), 'key');
+    if (!presented) return result('MACHINE_NOT_ACTIVATED', false, false, null, { reason: 'no license key given or stored' });
+    const answer = await this.request('POST', '/api/license/deactivate', { ...this.body(presented), machine });
+    const code = answerCode(answer);
+    const reasons = {
+      DEACTIVATED: `machine ${machine} released`,
+      MACHINE_NOT_ACTIVATED: `no seat is held by machine ${machine}`,
+    };
+    return result(code, answer.valid === true, true, licenseOf(answer), {
+      reason: reasons[code] ?? 'refused by the server',
+      message: RELEASE_MESSAGES[code],
+    });
+  }
+
   /** Judge the stored key and lease with the public keys alone, no network. */
   async checkOffline() {
     return this.judge(await this.readState(), false);
@@ -338,9 +448,11 @@ export class LicenseClient {
 
   // --- answers ------------------------------------------------------------------------
 
-  body(key, machine) {
-    const body = { key, machine_id: machine };
+  body(key, machine = null, labelled = false) {
+    const body = { key };
+    if (machine !== null) body.machine_id = machine;
     if (this.product) body.product = this.product;
+    if (labelled && this.label !== null && this.label !== machine) body.label = this.label;
     return body;
   }
 
@@ -489,7 +601,7 @@ export class LicenseClient {
 
   async verifyLease(lease, machine, keyClaims, refresh) {
     const claims = await this.decode(lease, 'lease', refresh);
-    if (claims.mid !== machineHash(machine)) throw new Refused('MACHINE_NOT_ACTIVATED', 'lease is for another machine');
+    if (!leaseMids(machine).includes(claims.mid)) throw new Refused('MACHINE_NOT_ACTIVATED', 'lease is for another machine');
     if (claims.sub !== keyClaims.sub) throw new Refused('MACHINE_NOT_ACTIVATED', 'lease is for another license');
     return claims;
   }
@@ -589,6 +701,33 @@ export class LicenseClient {
 function answerCode(answer) {
   if (!CODES.includes(answer.code)) throw new ServerUnreachable(`unexpected answer code ${JSON.stringify(answer.code)}`);
   return answer.code;
+}
+
+function listing(code, valid, online, machines, reason) {
+  return { code, valid, online, machines, reason, message: code ? (MESSAGES[code] ?? code) : '' };
+}
+
+/** One entry of the machines list, checked: anything else means the answer is not usable. */
+function machineOf(entry) {
+  if (!entry || typeof entry !== 'object' || typeof entry.id !== 'string' || !entry.id) {
+    throw new ServerUnreachable('a machines list entry has no id');
+  }
+  if (entry.label !== null && entry.label !== undefined && typeof entry.label !== 'string') {
+    throw new ServerUnreachable('a machines list entry has a label that is not text');
+  }
+  return {
+    id: entry.id,
+    label: entry.label ?? null,
+    activatedAt: epochOf(entry.activated_at),
+    lastSeenAt: epochOf(entry.last_seen_at),
+  };
+}
+
+/** An ISO 8601 UTC time of the server (2027-01-15T08:00:00Z) as epoch seconds. */
+function epochOf(value) {
+  const ms = typeof value === 'string' && /(Z|[+-]\d\d:\d\d)$/.test(value) ? Date.parse(value) : NaN;
+  if (!Number.isFinite(ms)) throw new ServerUnreachable(`the machines list has a time that is not one: ${JSON.stringify(value)}`);
+  return Math.floor(ms / 1000);
 }
 
 function jsonObject(raw) {

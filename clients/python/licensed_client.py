@@ -8,6 +8,10 @@ What it does:
   stores a renewed key or a fresh lease, and falls back to the stored lease when
   the server cannot be reached;
 - ``deactivate()`` frees this machine's seat so the license can move;
+- ``machines()`` lists the machines holding the license's seats (with the label
+  each one sent, e.g. its host name) and ``release(id)`` frees one of them by
+  its id from that list: how a seat held by a dead or reinstalled machine is
+  given back from a machine that works;
 - ``check_offline()`` judges the stored key and lease with the public keys
   alone (the JWKS shipped with the application).
 
@@ -32,17 +36,20 @@ import http.client
 import json
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -51,14 +58,18 @@ import jwt
 __all__ = [
     "CODES",
     "MESSAGES",
+    "RELEASE_MESSAGES",
     "VALID_CODES",
     "LicenseClient",
     "LicenseClientError",
+    "Machine",
+    "MachineList",
     "Result",
     "ServerError",
     "ServerUnreachable",
     "machine_fingerprint",
     "machine_id",
+    "machine_label",
 ]
 
 __version__ = "0.1.0"
@@ -108,10 +119,17 @@ MESSAGES: dict[str, str] = {
 }
 """What an application may show its user for each code."""
 
+RELEASE_MESSAGES: dict[str, str] = {
+    DEACTIVATED: "The machine has been released: its seat is free for another machine.",
+    MACHINE_NOT_ACTIVATED: "That machine holds no seat any more (it may have been released already).",
+}
+"""What :meth:`LicenseClient.release` says for its own two outcomes (other codes: :data:`MESSAGES`)."""
+
 ALGORITHM = "EdDSA"
 MAX_TOKEN_LENGTH = 8192
 MAX_ANSWER_BYTES = 1 << 20
 STATE_FORMAT = 1
+MAX_LABEL_LENGTH = 64
 
 _DENIALS = frozenset(
     {EXPIRED, REVOKED, SUSPENDED, INVALID_KEY, NOT_FOUND, PRODUCT_MISMATCH, TOO_MANY_MACHINES}
@@ -156,10 +174,49 @@ class Result:
     lease_expires_at: int | None = None
     reason: str = ""
     features: list[str] = field(default_factory=list)
+    text: str = ""
+    """Set by calls whose outcome needs other words than :data:`MESSAGES` (``release``)."""
 
     @property
     def message(self) -> str:
-        return MESSAGES.get(self.code, self.code)
+        return self.text or MESSAGES.get(self.code, self.code)
+
+
+@dataclass(frozen=True)
+class Machine:
+    """A machine holding one of the license's seats, as the server lists it.
+
+    ``id`` is opaque (``mch_…``), never the machine id: pass it to
+    :meth:`LicenseClient.release`. ``label`` is what the machine sent (its host
+    name by default), None for a machine activated without one. Times are epoch
+    seconds.
+    """
+
+    id: str
+    label: str | None
+    activated_at: int
+    last_seen_at: int
+
+
+@dataclass(frozen=True)
+class MachineList:
+    """What :meth:`LicenseClient.machines` answers.
+
+    ``code`` is None when the server took the key (``valid`` then says whether
+    the license is in good standing), else why not (``INVALID_KEY``,
+    ``NOT_FOUND``, ``PRODUCT_MISMATCH``, or ``MACHINE_NOT_ACTIVATED`` when no
+    key was given or stored), with no machines.
+    """
+
+    code: str | None
+    valid: bool
+    online: bool
+    machines: list[Machine] = field(default_factory=list)
+    reason: str = ""
+
+    @property
+    def message(self) -> str:
+        return MESSAGES.get(self.code, self.code) if self.code else ""
 
 
 class _Refused(Exception):
@@ -254,8 +311,41 @@ def machine_id(salt: str, fingerprint: str | None = None) -> str:
 
 
 def machine_hash(machine: str) -> str:
-    """What a lease's ``mid`` holds: SHA-256 of the machine id, hex."""
+    """SHA-256 of a machine id, hex: what a lease's ``mid`` holds for a canonical id."""
     return hashlib.sha256(machine.encode("utf-8")).hexdigest()
+
+
+def _lease_mids(machine: str) -> tuple[str, str]:
+    """The ``mid`` a lease for this machine may carry. The server hashes the id trimmed of
+    white space at its ends and NFC-normalised (``"host-A "`` and ``"host-A"`` are one
+    machine); leases it issued before it did that hash the id as sent."""
+    canonical = unicodedata.normalize("NFC", machine.strip())
+    return machine_hash(canonical), machine_hash(machine)
+
+
+_UNPRINTABLE = re.compile(
+    "[\\x00-\\x1f\\x7f-\\xa0\\xad\\u0600-\\u0605\\u061c\\u06dd\\u070f\\u1680\\u180e\\u2000-\\u200f"
+    "\\u2028-\\u202f\\u205f-\\u206f\\u3000\\ud800-\\udfff\\ue000-\\uf8ff\\ufeff\\ufff9-\\ufffb]+"
+)
+"""What the server refuses in a label: controls, invisible format and separator characters,
+private use, lone surrogates. The Node.js kit uses the same class."""
+
+
+def machine_label(text: str | None = None) -> str | None:
+    """A label the server accepts, made from ``text`` (by default this host's name).
+
+    The label is what the customer sees for this machine in the machines list, so
+    it names the machine the way its owner does; it is never the machine id.
+    Characters the server refuses become a space, spaces at the ends go, and the
+    rest is cut to 64 characters. None when nothing is left (or no host name).
+    """
+    if text is None:
+        try:
+            text = socket.gethostname()
+        except OSError:
+            return None
+    cleaned = _UNPRINTABLE.sub(" ", text).strip(" ")
+    return cleaned[:MAX_LABEL_LENGTH].rstrip(" ") or None
 
 
 # --- the client ---------------------------------------------------------------------------
@@ -297,6 +387,13 @@ class LicenseClient:
     with it, a state file copied to another machine is worthless there.
     ``now`` returns epoch seconds; tests move it.
 
+    ``label`` is what the customer sees for this machine in the machines list
+    (:meth:`machines`, the account page): left out, it is this host's name; give
+    the name your users know the installation by, or ``""`` to send none. It
+    goes with every activation and validation (a renamed host shows its new name
+    once the server next records the machine, at most hourly), cleaned by
+    :func:`machine_label`.
+
     Keys fetched from ``/.well-known/jwks.json`` are trusted for the life of the
     object. ``persist_jwks=True`` also keeps them in the state file and trusts
     them after a restart, which carries offline use across a signing-key
@@ -317,6 +414,7 @@ class LicenseClient:
         now: Callable[[], float] = time.time,
         timeout: float = 10.0,
         persist_jwks: bool = False,
+        label: str | None = None,
     ) -> None:
         scheme = urllib.parse.urlsplit(server_url).scheme
         if scheme not in ("http", "https"):
@@ -332,6 +430,9 @@ class LicenseClient:
         self.now = now
         self.timeout = timeout
         self.persist_jwks = persist_jwks
+        self.label = machine_label(label) if label != "" else None
+        if self.label is not None and self.label == machine_id:
+            raise ValueError("the label is shown to the customer: name the machine, not its machine id")
         self._bundled = _parse_jwks(jwks)
         if not self._bundled:
             raise ValueError("the JWKS holds no Ed25519 key")
@@ -346,7 +447,7 @@ class LicenseClient:
                 except ValueError:
                     pass  # a broken cache is no cache
 
-    # --- the three calls ------------------------------------------------------------
+    # --- the calls ------------------------------------------------------------------
 
     def activate(self, key: str, machine_id: str | None = None) -> Result:
         """Take a seat for this machine; on success the key and lease are stored.
@@ -359,7 +460,7 @@ class LicenseClient:
         if not machine:
             raise ValueError("activate needs a machine id (see machine_id())")
         key = key.strip()
-        answer = self._post("/api/license/activate", self._body(key, machine))
+        answer = self._post("/api/license/activate", self._body(key, machine, labelled=True))
         code = self._code(answer)
         if code not in VALID_CODES:
             return Result(code, False, True, _license(answer), reason="refused by the server")
@@ -375,7 +476,7 @@ class LicenseClient:
         if key is None or machine is None:
             return self._judge(state, online=False)
         try:
-            answer = self._post("/api/license/validate", self._body(key, machine))
+            answer = self._post("/api/license/validate", self._body(key, machine, labelled=True))
             code = self._code(answer)
             if code in VALID_CODES:
                 return self._accept(answer, key, machine, state)
@@ -401,6 +502,55 @@ class LicenseClient:
         self._write_state({**_kept(state), "code": code, "checked_at": int(self.now())})
         return Result(code, False, True, _license(answer), reason="key and lease forgotten here")
 
+    def machines(self, key: str | None = None) -> MachineList:
+        """The machines holding the license's seats, oldest activation first.
+
+        ``key`` defaults to the stored one; pass the key the user entered on a
+        machine that has none yet (refused with ``TOO_MANY_MACHINES``: a seat is
+        held by a machine that is gone). Needs the server: raises
+        :class:`ServerUnreachable` when it cannot be reached. The state file is
+        not touched.
+        """
+        presented = key.strip() if key is not None else _text(self._read_state(), "key")
+        if not presented:
+            return MachineList(MACHINE_NOT_ACTIVATED, False, False, reason="no license key given or stored")
+        answer = self._post("/api/license/machines", self._body(presented))
+        code = answer.get("code")
+        if code is not None:
+            code = self._code(answer)
+        valid = answer.get("valid")
+        listed = answer.get("machines")
+        if not isinstance(valid, bool) or not isinstance(listed, list):
+            raise ServerUnreachable("the machines answer is not a machines list")
+        machines = [_machine(entry) for entry in listed]
+        return MachineList(code, valid, True, machines, reason="refused by the server" if code else "")
+
+    def release(self, machine: str, key: str | None = None) -> Result:
+        """Free the seat of another machine, named by its ``id`` from :meth:`machines`.
+
+        For a machine that cannot deactivate itself (dead, reinstalled, out of
+        reach). ``code`` is ``DEACTIVATED`` when the seat was freed (activate the
+        new machine next), ``MACHINE_NOT_ACTIVATED`` when no machine with that id
+        holds a seat (already released), or the key's refusal. ``valid`` is the
+        license's standing: this machine's own state is not touched (a machine
+        that releases itself gets its seat back at its next validation, if one
+        is free). ``key`` as for :meth:`machines`. Needs the server (raises
+        :class:`ServerUnreachable`).
+        """
+        if not isinstance(machine, str) or not machine:
+            raise ValueError("release needs a machine's id from machines()")
+        presented = key.strip() if key is not None else _text(self._read_state(), "key")
+        if not presented:
+            return Result(MACHINE_NOT_ACTIVATED, False, False, reason="no license key given or stored")
+        answer = self._post("/api/license/deactivate", {**self._body(presented), "machine": machine})
+        code = self._code(answer)
+        valid = answer.get("valid") is True
+        reason = {
+            DEACTIVATED: f"machine {machine} released",
+            MACHINE_NOT_ACTIVATED: f"no seat is held by machine {machine}",
+        }.get(code, "refused by the server")
+        return Result(code, valid, True, _license(answer), reason=reason, text=RELEASE_MESSAGES.get(code, ""))
+
     def check_offline(self) -> Result:
         """Judge the stored key and lease with the public keys alone, no network."""
         return self._judge(self._read_state(), online=False)
@@ -420,10 +570,14 @@ class LicenseClient:
 
     # --- answers -------------------------------------------------------------------
 
-    def _body(self, key: str, machine: str) -> dict[str, str]:
-        body = {"key": key, "machine_id": machine}
+    def _body(self, key: str, machine: str | None = None, *, labelled: bool = False) -> dict[str, str]:
+        body = {"key": key}
+        if machine is not None:
+            body["machine_id"] = machine
         if self.product:
             body["product"] = self.product
+        if labelled and self.label is not None and self.label != machine:
+            body["label"] = self.label
         return body
 
     @staticmethod
@@ -555,7 +709,7 @@ class LicenseClient:
         self, lease: str, machine: str, key_claims: dict[str, Any], *, refresh: bool
     ) -> dict[str, Any]:
         claims = self._decode(lease, "lease", refresh=refresh)
-        if claims.get("mid") != machine_hash(machine):
+        if claims.get("mid") not in _lease_mids(machine):
             raise _Refused(MACHINE_NOT_ACTIVATED, "lease is for another machine")
         if claims["sub"] != key_claims["sub"]:
             raise _Refused(MACHINE_NOT_ACTIVATED, "lease is for another license")
@@ -657,6 +811,29 @@ def _kept(state: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(state.get("jwks"), dict):
         kept["jwks"] = state["jwks"]
     return kept
+
+
+def _machine(entry: Any) -> Machine:
+    """One entry of the machines list, checked: anything else means the answer is not usable."""
+    if not isinstance(entry, dict):
+        raise ServerUnreachable("a machines list entry is not an object")
+    public_id, label = entry.get("id"), entry.get("label")
+    if not isinstance(public_id, str) or not public_id:
+        raise ServerUnreachable("a machines list entry has no id")
+    if label is not None and not isinstance(label, str):
+        raise ServerUnreachable("a machines list entry has a label that is not text")
+    return Machine(public_id, label, _epoch(entry.get("activated_at")), _epoch(entry.get("last_seen_at")))
+
+
+def _epoch(value: Any) -> int:
+    """An ISO 8601 time of the server (``2027-01-15T08:00:00Z``) as epoch seconds."""
+    try:
+        parsed = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.tzinfo is None:
+        raise ServerUnreachable(f"the machines list has a time that is not one: {value!r}")
+    return int(parsed.timestamp())
 
 
 def _license(answer: Mapping[str, Any]) -> dict[str, Any] | None:

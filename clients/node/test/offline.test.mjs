@@ -3,18 +3,22 @@
 // Run: node --test test/offline.test.mjs (from clients/node)
 import assert from 'node:assert/strict';
 import { createHash, createHmac, generateKeyPairSync } from 'node:crypto';
-import { mkdtemp, readdir, readFile, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { hostname, tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { describe, it } from 'node:test';
+import { after, describe, it } from 'node:test';
 import { exportJWK, SignJWT } from 'jose';
 
-import { LicenseClient, MESSAGES, machineHash, machineId } from '../licensed-client.mjs';
+import { LicenseClient, MESSAGES, machineHash, machineId, machineLabel } from '../licensed-client.mjs';
 
 const NOW = 1_800_000_000;
 const DAY = 86400;
 const ISSUER = 'https://licenses.example';
 const MACHINE = machineId('unit-test', 'fingerprint-a');
+
+// Every fixture's folder, removed once the file's tests are done (passed or failed).
+const folders = [];
+after(() => Promise.all(folders.map((dir) => rm(dir, { recursive: true, force: true }))));
 
 function signer(kid) {
   const { privateKey, publicKey } = generateKeyPairSync('ed25519');
@@ -37,16 +41,24 @@ function claimsOf(token) {
   return JSON.parse(Buffer.from(token.split('.')[1], 'base64url').toString('utf8'));
 }
 
-async function fixture({ sub = 'lic_test', tier = 'PRO', leaseExp = NOW + 7 * DAY, keyExp = NOW + 37 * DAY } = {}) {
+async function fixture({
+  sub = 'lic_test',
+  tier = 'PRO',
+  leaseExp = NOW + 7 * DAY,
+  keyExp = NOW + 37 * DAY,
+  machine = MACHINE,
+  mid = machineHash(MACHINE),
+} = {}) {
   const key = signer('k1');
   const jwks = { keys: [await jwkOf(key)] };
   const base = { iss: ISSUER, sub, prod: 'dashcaddy', tier, ent: ['sso'], iat: NOW };
   const token = await sign(key, { ...base, max: 1, exp: keyExp });
   const licenseKey = `DC-${tier}-${token}`;
-  const lease = await sign(key, { ...base, mid: machineHash(MACHINE), exp: leaseExp });
+  const lease = await sign(key, { ...base, mid, exp: leaseExp });
   const dir = await mkdtemp(join(tmpdir(), 'licensed-client-'));
+  folders.push(dir);
   const statePath = join(dir, 'license.json');
-  const state = { format: 1, key: licenseKey, lease, machine_id: MACHINE, code: 'VALID' };
+  const state = { format: 1, key: licenseKey, lease, machine_id: machine, code: 'VALID' };
   await writeFile(statePath, JSON.stringify(state));
   let now = NOW;
   const client = (options = {}) =>
@@ -57,7 +69,7 @@ async function fixture({ sub = 'lic_test', tier = 'PRO', leaseExp = NOW + 7 * DA
       keyPrefix: 'DC',
       product: 'dashcaddy',
       issuer: ISSUER,
-      machineId: MACHINE,
+      machineId: machine,
       now: () => now,
       ...options,
     });
@@ -165,6 +177,16 @@ describe('offline verification', () => {
     assert.equal((await f.client({ machineId: machineId('unit-test', 'fingerprint-b') }).checkOffline()).code, 'MACHINE_NOT_ACTIVATED');
   });
 
+  it('takes a lease for the machine id as the server hashes it: trimmed, NFC', async () => {
+    const spelled = '  Ce\u0301line-box ';
+    for (const mid of [machineHash('C\u00e9line-box'), machineHash(spelled)]) {
+      const f = await fixture({ machine: spelled, mid });
+      assert.equal((await f.client().checkOffline()).valid, true);
+    }
+    const other = await fixture({ machine: spelled, mid: machineHash('Celine-box') });
+    assert.equal((await other.client().checkOffline()).code, 'MACHINE_NOT_ACTIVATED');
+  });
+
   it('refuses a key of another product', async () => {
     const f = await fixture();
     const result = await f.client({ product: 'desktop' }).checkOffline();
@@ -205,5 +227,27 @@ describe('machine id', () => {
     assert.equal(machineId('app'), machineId('app'));
     assert.equal(machineHash('m'), createHash('sha256').update('m').digest('hex'));
     assert.throws(() => machineId(''), /salt/);
+  });
+});
+
+describe('machine label', () => {
+  it('is the host name by default, cleaned and cut to 64 characters', () => {
+    assert.equal(machineLabel(), machineLabel(hostname()));
+    assert.equal(machineLabel(' web-1\t(old)\u200b\n'), 'web-1 (old)');
+    assert.equal(machineLabel('\u202e\u0000 '), null);
+    const long = machineLabel(`${'\u{1F5A5}'.repeat(70)}`);
+    assert.equal(Array.from(long).length, 64);
+    assert.throws(() => machineLabel(42), /text/);
+  });
+
+  it('is sent on activation, never as the machine id', () => {
+    const base = { serverUrl: 'http://127.0.0.1:9', jwks: { keys: [] }, statePath: '/nonexistent/x', keyPrefix: 'DC' };
+    const jwks = { keys: [{ kty: 'OKP', crv: 'Ed25519', kid: 'k', x: 'AAAA' }] };
+    const named = new LicenseClient({ ...base, jwks, machineId: MACHINE, label: 'nas' });
+    assert.deepEqual(named.body('DC-PRO-x', MACHINE, true), { key: 'DC-PRO-x', machine_id: MACHINE, label: 'nas' });
+    assert.deepEqual(named.body('DC-PRO-x', MACHINE), { key: 'DC-PRO-x', machine_id: MACHINE });
+    assert.equal(new LicenseClient({ ...base, jwks }).label, machineLabel());
+    assert.equal(new LicenseClient({ ...base, jwks, label: '' }).label, null);
+    assert.throws(() => new LicenseClient({ ...base, jwks, machineId: MACHINE, label: MACHINE }), /machine id/);
   });
 });
