@@ -488,10 +488,8 @@ class Licensing:
         if isinstance(read, dict):
             return {**read, "machines": []}
         lic = read[0]
-        return {
-            "valid": entitlement(lic, now) in VALID_CODES,
-            "machines": machine_views(self.store, lic, now),
-        }
+        code = entitlement(lic, now)
+        return {"valid": code in VALID_CODES, "code": code, "machines": machine_views(self.store, lic, now)}
 
     def require_plan(self, plan_id: str) -> Plan:
         plan = self.catalog.plans.get(plan_id)

@@ -430,7 +430,7 @@ def test_a_dead_machine_is_released_from_the_new_one(server: Restartable, make_k
     assert new.activate(key)["code"] == "TOO_MANY_MACHINES"
 
     listing = new.machines(key)
-    assert (listing["code"], listing["valid"], listing["online"]) == (None, True, True)
+    assert (listing["code"], listing["valid"], listing["online"]) == ("VALID", True, True)
     [machine] = listing["machines"]
     assert machine["label"] == "web-1" and machine["id"].startswith("mch_")
     assert machine["activated_at"] == machine["last_seen_at"] == T0

@@ -392,12 +392,13 @@ export class LicenseClient {
       return listing('MACHINE_NOT_ACTIVATED', false, false, [], 'no license key given or stored');
     }
     const answer = await this.request('POST', '/api/license/machines', this.body(presented));
-    const code = answer.code === undefined || answer.code === null ? null : answerCode(answer);
+    const code = answerCode(answer);
     if (typeof answer.valid !== 'boolean' || !Array.isArray(answer.machines)) {
       throw new ServerUnreachable('the machines answer is not a machines list');
     }
     const machines = answer.machines.map(machineOf);
-    return listing(code, answer.valid, true, machines, code ? 'refused by the server' : '');
+    const refused = ['INVALID_KEY', 'NOT_FOUND', 'PRODUCT_MISMATCH'].includes(code);
+    return listing(code, answer.valid, true, machines, refused ? 'refused by the server' : '');
   }
 
   /**

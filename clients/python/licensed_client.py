@@ -100,6 +100,8 @@ CODES = (
     MACHINE_NOT_ACTIVATED,
 )
 VALID_CODES = frozenset({VALID, GRACE_PERIOD})
+KEY_REFUSALS = frozenset({INVALID_KEY, NOT_FOUND, PRODUCT_MISMATCH})
+"""Codes with which the server refuses the key itself (it lists no machines then)."""
 
 MESSAGES: dict[str, str] = {
     VALID: "Your license is active.",
@@ -515,15 +517,14 @@ class LicenseClient:
         if not presented:
             return MachineList(MACHINE_NOT_ACTIVATED, False, False, reason="no license key given or stored")
         answer = self._post("/api/license/machines", self._body(presented))
-        code = answer.get("code")
-        if code is not None:
-            code = self._code(answer)
+        code = self._code(answer)
         valid = answer.get("valid")
         listed = answer.get("machines")
         if not isinstance(valid, bool) or not isinstance(listed, list):
             raise ServerUnreachable("the machines answer is not a machines list")
         machines = [_machine(entry) for entry in listed]
-        return MachineList(code, valid, True, machines, reason="refused by the server" if code else "")
+        refused = code in KEY_REFUSALS
+        return MachineList(code, valid, True, machines, reason="refused by the server" if refused else "")
 
     def release(self, machine: str, key: str | None = None) -> Result:
         """Free the seat of another machine, named by its ``id`` from :meth:`machines`.

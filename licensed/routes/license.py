@@ -34,7 +34,7 @@ DEACTIVATE_BODY = openapi.one_of(
 MACHINES_BODY = openapi.obj({"key": KEY, "product": openapi.string(1, 64)}, required=["key"])
 MACHINES_ANSWER: openapi.Schema = {
     "type": "object",
-    "required": ["machines"],
+    "required": ["valid", "code", "machines"],
     "properties": {
         "valid": {"type": "boolean"},
         "code": {"type": "string", "enum": list(ALL_CODES)},
