@@ -100,8 +100,12 @@ def connection_limit() -> int:
 def create_server(app: App, config: Config) -> Any:
     import waitress.server
 
-    return waitress.server.create_server(
+    from . import quiet_channel
+
+    sockets: dict[Any, Any] = {}
+    server = waitress.server.create_server(
         app,
+        map=sockets,
         host=config.host,
         port=config.port,
         threads=config.threads,
@@ -114,6 +118,8 @@ def create_server(app: App, config: Config) -> Any:
         # would otherwise strip the header before the app sees it.
         clear_untrusted_proxy_headers=False,
     )
+    quiet_channel.install(sockets)
+    return server
 
 
 def _stop_on_signal(signum: int, frame: Any) -> None:
