@@ -250,9 +250,10 @@ def imported_key_hash(key: str) -> str:
 
 
 VERIFIED_CACHE_SIZE = 20_000
-"""Keys whose signature verified, by their exact text: more than a vendor's installations."""
+"""Keys whose signature verified (by a digest of their exact text): more than a vendor's installations."""
 
-_verified: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+_verified: dict[bytes, tuple[str, str]] = {}
+"""A verified token's digest → its kid and its claims as JSON text: a few hundred bytes each."""
 
 
 def sign_claims(ring: KeyRing, claims: dict[str, Any], kid: str | None = None) -> str:
@@ -269,13 +270,14 @@ def verify_token(token: str, ring: KeyRing) -> tuple[dict[str, Any], dict[str, A
     one still needs its signing key in the ring, so a key taken out of the ring
     stops verifying what it signed. The memory is emptied when full.
     """
-    known = _verified.get(token)
-    if known is not None and ring.get(known[0]["kid"]) is not None:
-        return dict(known[0]), dict(known[1])
+    digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+    known = _verified.get(digest)
+    if known is not None and ring.get(known[0]) is not None:
+        return {"alg": jws.ALGORITHM, "typ": "JWT", "kid": known[0]}, json.loads(known[1])
     header, claims = jws.verify(token, ring.verify_key)
     if len(_verified) >= VERIFIED_CACHE_SIZE:
         _verified.clear()
-    _verified[token] = (dict(header), dict(claims))
+    _verified[digest] = (str(header["kid"]), json.dumps(claims))
     return header, claims
 
 
