@@ -255,7 +255,7 @@ def main() -> None:
 
         ports = {name: free_port() for name in ("plain", "tuned", "licensed")}
         env = {**os.environ, "DATA_DIR": str(work / "data"), "PORT": str(ports["licensed"]), "HOST": HOST}
-        env.update(LOG_LEVEL="WARNING", RATE_LIMIT_PER_MINUTE="0", THREADS=str(args.threads))
+        env.update(RATE_LIMIT_PER_MINUTE="0", THREADS=str(args.threads))  # logs at the default INFO
         me = [sys.executable, __file__, "--threads", str(args.threads)]
         procs = {
             "plain": start([*me, "--constant", "plain", "--port", str(ports["plain"])], ports["plain"]),
