@@ -99,11 +99,12 @@ def h1(driver: Any) -> str:
 
 def wait_for(driver: Any, condition: Any, timeout: float = WAIT) -> Any:
     """Until ``condition`` holds; a page replaced under the condition (a form's answer, a
-    reload) is looked at again."""
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    reload) is looked at again: an element of the page going away raises a stale element,
+    or, with scripts off, a WebDriverException naming a node gone from the document."""
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    ignored = (NoSuchElementException, StaleElementReferenceException)
+    ignored = (WebDriverException,)
     return WebDriverWait(driver, timeout, poll_frequency=0.05, ignored_exceptions=ignored).until(condition)
 
 

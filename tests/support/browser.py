@@ -77,6 +77,25 @@ def viewport(driver: Any, width: int, height: int, *, phone: bool = False) -> No
     )
 
 
+def settle(driver: Any, width: int) -> None:
+    """Wait (2 s at most) until the page is laid out at ``width``: two animation frames after
+    the viewport reports it."""
+    driver.execute_async_script(
+        """
+        const [width, done] = arguments;
+        const started = performance.now();
+        (function check() {
+            if (window.innerWidth === width || performance.now() - started > 2000) {
+                requestAnimationFrame(() => requestAnimationFrame(() => done(window.innerWidth)));
+            } else {
+                setTimeout(check, 20);
+            }
+        })();
+        """,
+        width,
+    )
+
+
 def reset_viewport(driver: Any) -> None:
     driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
@@ -100,6 +119,7 @@ def screenshots(driver: Any, folder: Path, name: str) -> list[Path]:
     for suffix, (width, height), phone in (("desktop", DESKTOP, False), ("phone", PHONE, True)):
         viewport(driver, width, height, phone=phone)
         try:
+            settle(driver, width)
             assert overflow(driver) <= 0, f"{name} scrolls sideways at {width} px"
             path = folder / f"{name}-{suffix}.png"
             full_page_png(driver, path)
