@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP_FLAGS ?= --disable-pip-version-check
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench clean browser screenshots
 
 $(VENV)/.runtime: pyproject.toml
 	@echo "make: creating the virtualenv $(VENV) with $$(command -v python3)"
@@ -39,9 +39,30 @@ lint: $(VENV)/.test
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-test: lint tests/node/node_modules/.installed clients/node/node_modules/.installed
+# The customer pages' browser tests drive Debian's Chromium and its WebDriver. Nothing to do
+# when both are installed; otherwise apt-get installs them (as root, or through sudo). Where
+# that is impossible the browser tests skip and say why (REQUIRE_BROWSER=1 makes them fail).
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		if ! command -v apt-get >/dev/null; then \
+			echo "make: no apt-get here: install Chromium and chromedriver, or the browser tests skip"; \
+		else \
+			echo "make: installing Chromium and chromedriver for the browser tests (apt-get install chromium chromium-driver, about 120 MB)"; \
+			SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+			{ $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } \
+				|| echo "make: Chromium could not be installed: the browser tests skip"; \
+		fi; \
+	fi
+
+test: lint browser tests/node/node_modules/.installed clients/node/node_modules/.installed
 	@echo "make: the test suite (pytest)"
 	$(PY) -m pytest -q
+
+# The PNGs README shows: the success and account pages at 1280 and 375 px, taken by the
+# browser test on its way through a purchase.
+screenshots: $(VENV)/.test browser
+	@echo "make: screenshots of the customer pages into docs/screenshots (headless Chromium)"
+	LICENSED_SCREENSHOTS=docs/screenshots REQUIRE_BROWSER=1 $(PY) -m pytest -q tests/test_pages_browser.py -k buy
 
 bench: $(VENV)/.test
 	$(PY) bench/validate.py

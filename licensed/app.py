@@ -4,8 +4,9 @@ A request is matched (404, or 405 with ``Allow``), its body read under a size
 cap (413), its media type checked (415), its JSON parsed and checked against
 the route's schema (400), then handed to the route's handler. Every
 :class:`errors.LicensedError` becomes the spec's error body in
-:func:`error_response`; anything else is logged and answered with a generic
-500.
+:func:`error_response` (on the customer pages, a page saying the same:
+:func:`routes.html.error_page`); anything else is logged and answered with a
+generic 500.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .cors import Cors
 from .errors import LicensedError
 from .metrics import REGISTRY
 from .ratelimit import RateLimiter, client_address, is_limited
-from .routes import all_routes
+from .routes import all_routes, html
 from .services import Services
 from .web import Request, Response, Route, Router
 
@@ -65,7 +66,9 @@ class App:
         self.cors = Cors(self.config.website_url)
         document = Route("GET", "/openapi.json", self.openapi, "This document", tag="public")
         self.router = Router([*all_routes(services, self.bearer_failures), document])
-        self._openapi = openapi.document(self.router.routes, self.config.app_base_url, __version__)
+        self._openapi = openapi.document(
+            [r for r in self.router.routes if r.api], self.config.app_base_url, __version__
+        )
 
     def openapi(self, request: Request) -> Response:
         return Response(self._openapi, headers=[("Cache-Control", "public, max-age=300")])
@@ -99,13 +102,13 @@ class App:
                     route.check_body(request.parsed)
                 response = route.handler(request)
         except LicensedError as err:
-            response = error_response(err)
+            response = self.error(path, err)
         except Exception:
             log.error(
                 "unhandled error",
                 extra={"request_id": request_id, "trace": traceback.format_exc(limit=20)},
             )
-            response = error_response(LicensedError())
+            response = self.error(path, LicensedError())
         headers = self._headers(response, request_id, path, origin)
         payload = b"" if response.stream is not None else response.encode()
         if response.stream is None and response.status != 204:
@@ -134,6 +137,12 @@ class App:
         if response.stream is not None:
             return response.stream
         return [payload]
+
+    def error(self, path: str, err: LicensedError) -> Response:
+        """The spec's JSON error body, or on the customer pages a page saying the same."""
+        if html.is_page(path):
+            return html.error_page(self.services, err)
+        return error_response(err)
 
     def _headers(
         self, response: Response, request_id: str, path: str, origin: str | None

@@ -13,8 +13,9 @@ import uuid
 from typing import Any
 
 from . import addresses, licensing
-from .errors import Conflict, NotFound, StripeNotConfigured
+from .errors import Conflict, NotFound, StripeNotConfigured, ValidationFailed
 from .oidc import Identity
+from .plans import is_redirect_url
 from .services import Services
 from .stripe_api import StripeGateway
 
@@ -34,6 +35,13 @@ def website(services: Services) -> str:
     return services.config.website_url or services.config.app_base_url
 
 
+def redirect_url(value: str | None, name: str) -> str | None:
+    """A success or cancel URL given with the request: http(s) only (400 otherwise)."""
+    if value is not None and not is_redirect_url(value):
+        raise ValidationFailed(f"{name} must be an http(s) URL")
+    return value
+
+
 def start(
     services: Services,
     plan_id: str,
@@ -41,18 +49,29 @@ def start(
     email: str | None,
     identity: Identity | None,
     idempotency_key: str | None,
+    success_url: str | None = None,
+    cancel_url: str | None = None,
 ) -> dict[str, Any]:
-    """A Checkout Session for a plan on sale: ``{"id", "url"}``."""
+    """A Checkout Session for a plan on sale: ``{"id", "url"}``.
+
+    After paying, the buyer lands on ``success_url`` (the request's, else the plan's, else
+    this server's own success page, which shows the key); going back, on ``cancel_url``
+    (likewise; this server's cancel page links back to the shop).
+    """
+    success_url = redirect_url(success_url, "success_url")
+    cancel_url = redirect_url(cancel_url, "cancel_url")
     stripe = gateway(services)
     plan = services.catalog.plans.get(plan_id)
     if plan is None or not plan.public or not plan.stripe_price:
         raise NotFound(f"no plan {plan_id!r} on sale")
-    site = website(services)
+    base = services.config.app_base_url
     params: dict[str, Any] = {
         "mode": plan.mode,
         "line_items": [{"price": plan.stripe_price, "quantity": 1}],
-        "success_url": f"{site}/checkout/success?session_id={{CHECKOUT_SESSION_ID}}",
-        "cancel_url": f"{site}/checkout/cancel?plan={plan.id}",
+        "success_url": success_url
+        or plan.success_url
+        or f"{base}/checkout/success?session_id={{CHECKOUT_SESSION_ID}}",
+        "cancel_url": cancel_url or plan.cancel_url or f"{base}/checkout/cancel?plan={plan.id}",
         "metadata": {"plan": plan.id},
     }
     if plan.mode == "subscription":
@@ -90,8 +109,9 @@ def result(services: Services, session_id: str, now: int) -> dict[str, Any]:
     return {"status": "complete", "license": view, "key_expired": True}
 
 
-def portal_url(services: Services, customer_ids: list[str]) -> str:
-    """A billing portal session for the first of these customers that Stripe knows."""
+def portal_url(services: Services, customer_ids: list[str], return_url: str | None = None) -> str:
+    """A billing portal session for the first of these customers that Stripe knows; its
+    way back leads to ``return_url`` (default: the shop)."""
     stripe = gateway(services)
     for customer_id in customer_ids:
         row = services.store.get_customer(customer_id)
@@ -99,7 +119,7 @@ def portal_url(services: Services, customer_ids: list[str]) -> str:
             session = stripe.post(
                 "/v1/billing_portal/sessions",
                 customer=str(row["stripe_customer_id"]),
-                return_url=website(services),
+                return_url=return_url or website(services),
             )
             return str(session.get("url"))
     raise Conflict("nothing here was bought through Stripe", code="NO_STRIPE_CUSTOMER")

@@ -145,6 +145,18 @@ class InvalidToken(LicensedError):
     default_message = "the key is not valid"
 
 
+class SignInLinkRefused(BadRequest):
+    """A sign-in link that signs nobody in; ``reason`` is ``used``, ``expired`` or ``unknown``
+    (forged, cut short, or purged: the page cannot tell them apart, and says so)."""
+
+    code = "SIGN_IN_LINK_REFUSED"
+    default_message = "this sign-in link does not work"
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"sign-in link {reason}")
+
+
 class ConfigError(LicensedError):
     """Bad configuration: stops start-up with one line naming the culprit."""
 

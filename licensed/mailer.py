@@ -1,8 +1,9 @@
 """Mail: license keys reach the buyer through an outbox, so SMTP down means late, never lost.
 
-The outbox row holds only the licence id, the kind of message and the
-recipient; the body, and the key in it, are rendered from the licence row when
-the message is sent (keys are never stored). Sending is at-least-once: a row is
+The outbox row holds only the licence id (or, for a sign-in link, the link's
+row id), the kind of message and the recipient; the body, and the key or link
+in it, are rendered when the message is sent (keys and sign-in tokens are never
+stored). Sending is at-least-once: a row is
 claimed (``pending`` -> ``sending`` with a lease in ``claimed_until``) in one
 write transaction, so two senders (the thread in ``licensed serve`` and a cron
 ``licensed mail flush``) never hold the same row. A sender that dies mid-send
@@ -13,8 +14,8 @@ Addresses and display names are checked when a message is queued
 (:func:`queue_mail`) and again when it is sent: no control characters (header
 injection), a well-formed ASCII address with a real domain.
 
-This module imports nothing of the project at run time but :mod:`errors`, so
-``config`` and ``licensing`` can use its checks without an import cycle.
+Nothing the rules modules import (``config``, ``licensing``, ``outbox``)
+imports this module, so it may use them without an import cycle.
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
+from . import accounts
 from .addresses import has_control, mailbox, parse_mailbox
 from .errors import ConfigError, LicensedError, MailUnavailable, MailUndeliverable, ValidationFailed
-from .outbox import KIND_LICENSE_KEY, KIND_LICENSE_KEY_RESEND, KINDS
+from .outbox import KIND_LICENSE_KEY, KIND_LICENSE_KEY_RESEND, KIND_SIGN_IN_LINK, KINDS
 
 if TYPE_CHECKING:
     import sqlite3
@@ -243,9 +245,40 @@ _HTML_RESEND = _HTML_LICENSE_KEY.replace(
     "thank you for buying $plan_name. Here is", "as asked, here is again"
 )
 
+_TXT_SIGN_IN = """\
+Subject: Your sign-in link
+
+Hello,
+
+here is the link that signs you in to your licenses at $app_base_url:
+
+$sign_in_url
+
+It works once, within $valid_minutes minutes. If it has expired, ask for a new one at
+$account_url.
+
+If you did not ask for it, ignore this message: nobody can sign in without the link.
+"""
+
+_HTML_SIGN_IN = """\
+<!doctype html>
+<html lang="en">
+<body style="font-family: sans-serif; line-height: 1.5">
+<p>Hello,</p>
+<p>here is the link that signs you in to your licenses at $app_base_url:</p>
+<p><a href="$sign_in_url">Sign in to your licenses</a></p>
+<p>It works once, within $valid_minutes minutes. If it has expired, ask for a new one at
+<a href="$account_url">$account_url</a>.</p>
+<p style="color: #666">If you did not ask for it, ignore this message: nobody can sign in without
+the link.</p>
+</body>
+</html>
+"""
+
 DEFAULT_TEMPLATES: dict[str, dict[str, str]] = {
     KIND_LICENSE_KEY: {"txt": _TXT_LICENSE_KEY, "html": _HTML_LICENSE_KEY},
     KIND_LICENSE_KEY_RESEND: {"txt": _TXT_RESEND, "html": _HTML_RESEND},
+    KIND_SIGN_IN_LINK: {"txt": _TXT_SIGN_IN, "html": _HTML_SIGN_IN},
 }
 assert set(DEFAULT_TEMPLATES) == set(KINDS)
 _FALLBACK = {KIND_LICENSE_KEY_RESEND: KIND_LICENSE_KEY}
@@ -271,11 +304,12 @@ def write_default_templates(data_dir: Path) -> list[str]:
     return done
 
 
-def load_template(data_dir: Path, product: str, kind: str, ext: str) -> str:
-    """The first of ``<product>/<kind>``, ``<product>/<fallback>``, ``<kind>``, ``<fallback>``, built-in."""
+def load_template(data_dir: Path, product: str | None, kind: str, ext: str) -> str:
+    """The first of ``<product>/<kind>``, ``<product>/<fallback>``, ``<kind>``, ``<fallback>``, built-in
+    (mail about no licence, such as a sign-in link, has no product)."""
     folder = templates_dir(data_dir)
     names = [kind, *([_FALLBACK[kind]] if kind in _FALLBACK else [])]
-    for base in (folder / product, folder):
+    for base in (folder / product, folder) if product else (folder,):
         for name in names:
             path = base / f"{name}.{ext}"
             if path.is_file():
@@ -313,19 +347,13 @@ def template_values(
             validity += " Each renewal of your subscription extends it; the key updates itself."
     else:
         validity = ""
-    if website_url:
-        manage = (
-            "Invoices, payment method, plan changes and cancellation: open the billing portal from"
-            f" {website_url} with this license key."
-        )
-        link = html.escape(website_url, quote=True)
-        manage_html = (
-            "Invoices, payment method, plan changes and cancellation: open the billing portal from"
-            f' <a href="{link}">{link}</a> with this license key.'
-        )
-    else:
-        manage = "For invoices, plan changes or cancellation, reply to this message."
-        manage_html = html.escape(manage)
+    account_url = f"{app_base_url}/account"
+    what = "Your licenses and their machines"
+    if lic.stripe_customer_id:
+        what += ", and the billing portal (invoices, payment method, plan changes, cancellation)"
+    manage = f"{what}: sign in at {account_url} with this e-mail address."
+    link = html.escape(account_url, quote=True)
+    manage_html = f'{html.escape(what)}: sign in at <a href="{link}">{link}</a> with this e-mail address.'
     values = {
         "product": lic.product,
         "product_name": product_name,
@@ -341,6 +369,7 @@ def template_values(
         "app_base_url": app_base_url,
         "activate_url": f"{app_base_url}/api/license/activate",
         "website_url": website_url or "",
+        "account_url": account_url,
         "manage": manage,
         "name": to_name or "",
         "greeting": f" {to_name}" if to_name else "",
@@ -349,7 +378,7 @@ def template_values(
 
 
 def render(
-    data_dir: Path, product: str, kind: str, values: dict[str, str], html_raw: dict[str, str]
+    data_dir: Path, product: str | None, kind: str, values: dict[str, str], html_raw: dict[str, str]
 ) -> Rendered:
     """Fill the kind's templates; every value is HTML-escaped in the HTML body.
 
@@ -405,13 +434,32 @@ def build_message(
     services: Services, row: sqlite3.Row, sender: Address, now: int
 ) -> tuple[EmailMessage, str]:
     """The message for one outbox row, and its checked envelope recipient."""
-    store = services.store
     try:
         recipient = mailbox(row["to_addr"], row["to_name"])
     except ValidationFailed as err:
         raise MailUndeliverable(f"invalid recipient: {err.message}") from err
     if row["kind"] not in KINDS:
         raise MailUndeliverable(f"unknown kind of mail {row['kind']!r}")
+    if row["kind"] == KIND_SIGN_IN_LINK:
+        rendered = _sign_in_message(services, row, now)
+    else:
+        rendered = _license_message(services, row, recipient)
+    msg = EmailMessage()
+    msg["Subject"] = rendered.subject
+    msg["From"] = sender
+    msg["To"] = recipient
+    msg["Date"] = format_datetime(dt.datetime.fromtimestamp(now, dt.UTC))
+    msg["Message-ID"] = row["message_id"]
+    msg["Auto-Submitted"] = "auto-generated"
+    msg.set_content(rendered.text)
+    msg.add_alternative(rendered.html, subtype="html")
+    check_headers(msg.as_bytes())
+    return msg, recipient.addr_spec
+
+
+def _license_message(services: Services, row: sqlite3.Row, recipient: Address) -> Rendered:
+    """The key mail of a licence, its key re-derived from the licence row."""
+    store = services.store
     lic = store.get_license(row["license_id"]) if row["license_id"] else None
     if lic is None:
         raise MailUndeliverable("the license of this message no longer exists")
@@ -427,18 +475,26 @@ def build_message(
         app_base_url=services.config.app_base_url,
         website_url=services.config.website_url,
     )
-    rendered = render(services.config.data_dir, lic.product, row["kind"], values, html_raw)
-    msg = EmailMessage()
-    msg["Subject"] = rendered.subject
-    msg["From"] = sender
-    msg["To"] = recipient
-    msg["Date"] = format_datetime(dt.datetime.fromtimestamp(now, dt.UTC))
-    msg["Message-ID"] = row["message_id"]
-    msg["Auto-Submitted"] = "auto-generated"
-    msg.set_content(rendered.text)
-    msg.add_alternative(rendered.html, subtype="html")
-    check_headers(msg.as_bytes())
-    return msg, recipient.addr_spec
+    return render(services.config.data_dir, lic.product, row["kind"], values, html_raw)
+
+
+def _sign_in_message(services: Services, row: sqlite3.Row, now: int) -> Rendered:
+    """A sign-in link's mail: its token recomputed from the row id (it is stored nowhere), its
+    30 minutes starting now, as the message is built (:mod:`accounts`)."""
+    config = services.config
+    secret = accounts.load_secret(config.data_dir)
+    sign_in_id = row["sign_in_id"]
+    token = accounts.link_for_mail(services.store, secret, sign_in_id, now) if sign_in_id else None
+    if token is None:
+        raise MailUndeliverable("the sign-in link was used or has been purged")
+    values = {
+        "sign_in_url": f"{config.app_base_url}/account/auth?token={token}",
+        "account_url": f"{config.app_base_url}/account",
+        "app_base_url": config.app_base_url,
+        "valid_minutes": str(accounts.LINK_VALID_SECONDS // 60),
+        "website_url": config.website_url or "",
+    }
+    return render(config.data_dir, None, row["kind"], values, {})
 
 
 MESSAGE_HEADERS = (

@@ -13,7 +13,11 @@ from .store import Store
 
 KIND_LICENSE_KEY = "license_key"
 KIND_LICENSE_KEY_RESEND = "license_key_resend"
-KINDS = (KIND_LICENSE_KEY, KIND_LICENSE_KEY_RESEND)
+KIND_SIGN_IN_LINK = "sign_in_link"
+"""A one-time link to the account pages; its row points at the link (``sign_in_id``), not a licence."""
+KINDS = (KIND_LICENSE_KEY, KIND_LICENSE_KEY_RESEND, KIND_SIGN_IN_LINK)
+LICENSE_KINDS = (KIND_LICENSE_KEY, KIND_LICENSE_KEY_RESEND)
+"""Kinds about a licence, queued by :func:`queue_mail`."""
 
 
 def queue_mail(store: Store, license_id: str, kind: str, to_addr: str, to_name: str | None, now: int) -> int:
@@ -22,6 +26,6 @@ def queue_mail(store: Store, license_id: str, kind: str, to_addr: str, to_name: 
     The checked way in to :meth:`store.Store.enqueue_mail`; the same checks
     run again at send time for rows queued by any other path.
     """
-    if kind not in KINDS:
-        raise ValidationFailed(f"unknown kind of mail {kind!r}")
+    if kind not in LICENSE_KINDS:
+        raise ValidationFailed(f"unknown kind of mail about a license {kind!r}")
     return store.enqueue_mail(license_id, kind, check_address(to_addr), check_display_name(to_name), now)

@@ -12,6 +12,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
 
@@ -64,6 +65,23 @@ release_after_days = 30
 """
 
 
+MAX_URL_LENGTH = 2048
+
+
+def is_redirect_url(value: str) -> bool:
+    """An absolute http(s) URL with a host, no white space or control characters: where a
+    Checkout may send its buyer."""
+    if not 0 < len(value) <= MAX_URL_LENGTH:
+        return False
+    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        return False
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
 @dataclass(frozen=True)
 class Product:
     id: str
@@ -87,6 +105,10 @@ class Plan:
     revoke_on_partial_refund: bool
     release_after_days: int | None = None
     """A machine not seen for this many days holds no seat (None: seats are held until released)."""
+    success_url: str | None = None
+    """Where Stripe Checkout sends the buyer after paying (None: this server's success page)."""
+    cancel_url: str | None = None
+    """Where Stripe Checkout sends a buyer who goes back (None: this server's cancel page)."""
 
     @property
     def mode(self) -> str:
@@ -236,6 +258,8 @@ class _Reader:
                 "public",
                 "revoke_on_partial_refund",
                 "release_after_days",
+                "success_url",
+                "cancel_url",
             },
         )
         product = self.get(where, t, "product", str)
@@ -277,7 +301,15 @@ class _Reader:
             public=self.get(where, t, "public", bool, True),
             revoke_on_partial_refund=self.get(where, t, "revoke_on_partial_refund", bool, False),
             release_after_days=release,
+            success_url=self.redirect_url(where, t, "success_url"),
+            cancel_url=self.redirect_url(where, t, "cancel_url"),
         )
+
+    def redirect_url(self, where: str, table: dict[str, Any], key: str) -> str | None:
+        url: str | None = self.get(where, table, key, str, None)
+        if url is not None and not is_redirect_url(url):
+            raise self.fail(f"{where}.{key}", "must be an http(s) URL")
+        return url
 
     def no_extra(self, where: str, table: dict[str, Any], allowed: set[str]) -> None:
         extra = sorted(set(table) - allowed)

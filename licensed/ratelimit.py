@@ -25,9 +25,18 @@ from dataclasses import dataclass
 from .config import IPNetwork
 from .errors import RateLimited
 
-LIMITED_PREFIXES = ("/api/license/", "/api/checkout/", "/api/public/", "/api/billing/")
+LIMITED_PREFIXES = (
+    "/api/license/",
+    "/api/checkout/",
+    "/api/public/",
+    "/api/billing/",
+    "/account/",
+    "/checkout/",
+)
 """Paths counted against a client's budget; webhooks, health, metrics and admin are not
-(failed admin tokens have a budget of their own)."""
+(failed admin tokens have a budget of their own). Of the customer pages: the sign-in form
+(each request may mail a link) and link, the account's forms (billing calls Stripe), and
+the checkout pages (each looks a purchase up); not the account page itself or its assets."""
 
 WINDOW = 60.0
 DEFAULT_MAX_CLIENTS = 50_000

@@ -39,6 +39,8 @@ PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"whsec_[A-Za-z0-9+/=_\-]+"), MASK),
     (re.compile(r"(?:sk|rk)_(?:live|test)_[A-Za-z0-9_]+"), MASK),
     (re.compile(r"cs_(?:live|test)_[A-Za-z0-9_]+"), MASK),
+    # A one-time sign-in link's token (or a checkout id) in a URL's query.
+    (re.compile(r"([?&](?:token|session_id)=)[^&\s\"'#<>]+", re.IGNORECASE), rf"\1{MASK}"),
     (re.compile(r"\b(bearer)(\s+)[^\s\"',;]+", re.IGNORECASE), rf"\1\2{MASK}"),
     # user:password@ in any URL (SMTP_URL above all).
     (re.compile(r"\b([a-z][a-z0-9+.\-]*://[^/\s:@\"']*):[^/\s@\"']*@", re.IGNORECASE), rf"\1:{MASK}@"),

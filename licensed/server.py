@@ -15,7 +15,7 @@ import signal
 import time
 from typing import Any
 
-from . import keys, mailer
+from . import accounts, keys, mailer
 from .app import App
 from .config import Config
 from .errors import ConfigError
@@ -51,6 +51,7 @@ def init_data_dir(config: Config, now: int) -> list[str]:
         config.plans_path.parent.mkdir(parents=True, exist_ok=True)
         config.plans_path.write_text(EXAMPLE_PLANS, encoding="utf-8")
         done.append(f"wrote example plans to {config.plans_path}")
+    done += accounts.ensure_secret(config.data_dir)
     done += mailer.write_default_templates(config.data_dir)
     store = open_store(config.db_path, now)
     store.close()

@@ -235,6 +235,39 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         CREATE UNIQUE INDEX machines_public_id ON machines (public_id);
         """,
     ),
+    (
+        "customer sign-in links and sessions",
+        # The account pages (accounts.py): a sign-in link is a row whose token is never
+        # stored, only its SHA-256; it works from when its mail is built (expires_at set
+        # then) until expires_at, once (used_at). keep_until says when the row may go
+        # (rows also count towards the per-address limit of links an hour). A session is
+        # kept as the SHA-256 of the cookie's value. A sign-in mail's outbox row points at
+        # its link and goes with it.
+        """
+        CREATE TABLE sign_ins (
+            id TEXT PRIMARY KEY,
+            email TEXT NOT NULL,
+            token_hash TEXT NOT NULL UNIQUE,
+            created_at INTEGER NOT NULL,
+            expires_at INTEGER,
+            used_at INTEGER,
+            keep_until INTEGER NOT NULL
+        );
+        CREATE INDEX sign_ins_email ON sign_ins (email, created_at);
+        CREATE INDEX sign_ins_keep_until ON sign_ins (keep_until);
+
+        CREATE TABLE account_sessions (
+            id_hash TEXT PRIMARY KEY,
+            email TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            expires_at INTEGER NOT NULL
+        );
+        CREATE INDEX account_sessions_expires ON account_sessions (expires_at);
+
+        ALTER TABLE outbox ADD COLUMN sign_in_id TEXT REFERENCES sign_ins (id) ON DELETE CASCADE;
+        CREATE INDEX outbox_sign_in ON outbox (sign_in_id);
+        """,
+    ),
 )
 
 
@@ -862,6 +895,91 @@ class Store:
             (license_id, kind, to_addr, to_name, now, now),
         )
         return int(cursor.lastrowid or 0)
+
+    def enqueue_sign_in_mail(self, sign_in_id: str, to_addr: str, now: int) -> int:
+        """Queue the mail of a sign-in link; its token is recomputed when the mail is built."""
+        cursor = self.execute(
+            "INSERT INTO outbox (kind, sign_in_id, to_addr, next_attempt_at, created_at)"
+            " VALUES ('sign_in_link', ?, ?, ?, ?)",
+            (sign_in_id, to_addr, now, now),
+        )
+        return int(cursor.lastrowid or 0)
+
+    def mail_count_since(self, license_id: str, kind: str, since: int) -> int:
+        """Messages of ``kind`` queued for the licence at or after ``since``."""
+        row = self.one(
+            "SELECT COUNT(*) FROM outbox WHERE license_id = ? AND kind = ? AND created_at >= ?",
+            (license_id, kind, since),
+        )
+        return int(row[0]) if row else 0
+
+    # --- customer accounts: sign-in links and sessions (accounts.py) ---------------
+
+    def count_sign_ins(self, email: str, since: int) -> int:
+        """Sign-in links asked for ``email`` (lower case) at or after ``since``."""
+        row = self.one("SELECT COUNT(*) FROM sign_ins WHERE email = ? AND created_at >= ?", (email, since))
+        return int(row[0]) if row else 0
+
+    def insert_sign_in(self, sign_in_id: str, email: str, token_hash: str, now: int, keep_until: int) -> None:
+        self.execute(
+            "INSERT INTO sign_ins (id, email, token_hash, created_at, keep_until) VALUES (?, ?, ?, ?, ?)",
+            (sign_in_id, email, token_hash, now, keep_until),
+        )
+
+    def arm_sign_in(self, sign_in_id: str, expires_at: int) -> bool:
+        """Start (or restart) an unused link's validity as its mail is built; False when it is
+        gone or used."""
+        with self.atomic():
+            cursor = self.execute(
+                "UPDATE sign_ins SET expires_at = ?, keep_until = MAX(keep_until, ?)"
+                " WHERE id = ? AND used_at IS NULL",
+                (expires_at, expires_at, sign_in_id),
+            )
+        return cursor.rowcount > 0
+
+    def sign_in_by_hash(self, token_hash: str) -> sqlite3.Row | None:
+        return self.one(
+            "SELECT id, email, expires_at, used_at FROM sign_ins WHERE token_hash = ?", (token_hash,)
+        )
+
+    def consume_sign_in(self, token_hash: str, now: int) -> str | None:
+        """Mark a live link used, in the statement that checks it (so it works once);
+        its e-mail, or None when it is unknown, unsent, expired or used."""
+        rows = self.all(
+            "UPDATE sign_ins SET used_at = ? WHERE token_hash = ? AND used_at IS NULL"
+            " AND expires_at IS NOT NULL AND expires_at >= ? RETURNING email",
+            (now, token_hash, now),
+        )
+        return str(rows[0][0]) if rows else None
+
+    def insert_account_session(self, id_hash: str, email: str, now: int, expires_at: int) -> None:
+        self.execute(
+            "INSERT INTO account_sessions (id_hash, email, created_at, expires_at) VALUES (?, ?, ?, ?)",
+            (id_hash, email, now, expires_at),
+        )
+
+    def account_session_email(self, id_hash: str, now: int) -> str | None:
+        row = self.one(
+            "SELECT email FROM account_sessions WHERE id_hash = ? AND expires_at > ?", (id_hash, now)
+        )
+        return str(row[0]) if row else None
+
+    def delete_account_session(self, id_hash: str) -> bool:
+        return self.execute("DELETE FROM account_sessions WHERE id_hash = ?", (id_hash,)).rowcount > 0
+
+    def purge_account_rows(self, now: int, limit: int) -> int:
+        """Delete up to ``limit`` sign-in links past their keep time and as many ended sessions
+        (a link's outbox row goes with it); how many rows went."""
+        links = self.execute(
+            "DELETE FROM sign_ins WHERE id IN (SELECT id FROM sign_ins WHERE keep_until < ? LIMIT ?)",
+            (now, limit),
+        ).rowcount
+        sessions = self.execute(
+            "DELETE FROM account_sessions WHERE id_hash IN"
+            " (SELECT id_hash FROM account_sessions WHERE expires_at <= ? LIMIT ?)",
+            (now, limit),
+        ).rowcount
+        return links + sessions
 
     # --- audit trail ------------------------------------------------------------
 

@@ -172,6 +172,9 @@ class Route:
     """What a successful answer is, for the API description."""
     max_body: int | None = None
     """The largest body this route reads (None: the server's ``MAX_BODY_BYTES``)."""
+    api: bool = True
+    """False for the customer pages and their assets: made for people, not described in
+    ``/openapi.json``."""
 
     @functools.cached_property
     def check_body(self) -> openapi.Checker:

@@ -7,11 +7,15 @@ grace boundaries.
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
+from support import browser as chromium
 from support.clock import FrozenClock
 from support.live import Live, Restartable, start_server
 from support.plans import TEST_PLANS
@@ -83,3 +87,27 @@ def module_live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         yield Live(url=running.url, services=built, clock=clock, http=http)
     running.stop()
     built.store.close()
+
+
+@pytest.fixture(scope="session")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One headless Chromium for the whole test session (Selenium). Skipped, with the reason,
+    where it cannot run; with ``REQUIRE_BROWSER=1`` (CI) that fails instead."""
+    required = os.environ.get("REQUIRE_BROWSER", "") not in ("", "0")
+    why = chromium.why_no_browser()
+    if why is not None:
+        if required:
+            pytest.fail(f"REQUIRE_BROWSER is set, but {why}")
+        pytest.skip(why)
+    profile = tmp_path_factory.mktemp("chromium") / "profile"
+    try:
+        driver = chromium.start_browser(profile)
+    except Exception as err:
+        if required:
+            raise
+        pytest.skip(f"chromium could not start: {str(err).splitlines()[0]}")
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)

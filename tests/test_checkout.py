@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,10 +11,13 @@ import pytest
 from support.live import Live
 from support.oidc_provider import AUDIENCE, Provider, ec_key
 from support.ops_helpers import live_with
+from support.plans import TEST_PLANS
 from support.stripe_double import StripeDouble, stripe_double
 
 from licensed.config import Config
+from licensed.errors import ConfigError
 from licensed.oidc import OidcVerifier
+from licensed.plans import parse_catalog
 
 
 @pytest.fixture
@@ -48,17 +52,72 @@ def test_checkout_session_is_created_with_the_plan(
     assert sent.form["mode"] == mode
     assert sent.form["line_items[0][price]"] == price
     assert sent.form["line_items[0][quantity]"] == "1"
+    # Stripe comes back to this server's own pages (APP_BASE_URL): the key, or "no payment taken".
     assert (
-        sent.form["success_url"]
-        == "https://shop.example.com/checkout/success?session_id={CHECKOUT_SESSION_ID}"
+        sent.form["success_url"] == "http://licensed.test/checkout/success?session_id={CHECKOUT_SESSION_ID}"
     )
-    assert sent.form["cancel_url"].startswith("https://shop.example.com/checkout/cancel")
+    assert sent.form["cancel_url"] == f"http://licensed.test/checkout/cancel?plan={plan}"
     assert sent.form["metadata[plan]"] == plan
     assert sent.form["customer_email"] == "buyer@example.com"
     assert sent.headers["Idempotency-Key"].startswith("checkout-")
     assert sent.headers["Authorization"] == "Bearer sk_test_double"
     if mode == "subscription":
         assert sent.form["subscription_data[metadata][plan]"] == plan
+
+
+def test_success_and_cancel_urls_from_the_request_or_the_plan(
+    live: Live, double: StripeDouble, data_dir: Path
+) -> None:
+    given = {
+        "plan": "pro-monthly",
+        "success_url": "https://shop.example.com/thanks?cs={CHECKOUT_SESSION_ID}",
+        "cancel_url": "http://shop.example.com/pricing",
+    }
+    assert live.post("/api/checkout/session", given).status_code == 200
+    sent = double.requests[-1].form
+    assert (sent["success_url"], sent["cancel_url"]) == (given["success_url"], given["cancel_url"])
+    # A plan's own success_url wins over the default, a request's over the plan's.
+    plans = (
+        (data_dir / "plans.toml")
+        .read_text(encoding="utf-8")
+        .replace(
+            'stripe_price = "price_pro_year"',
+            'stripe_price = "price_pro_year"\nsuccess_url = "https://shop.example.com/year-bought"',
+        )
+    )
+    live.services.catalog = parse_catalog(tomllib.loads(plans))
+    assert live.post("/api/checkout/session", {"plan": "pro-year"}).status_code == 200
+    assert double.requests[-1].form["success_url"] == "https://shop.example.com/year-bought"
+    assert double.requests[-1].form["cancel_url"] == "http://licensed.test/checkout/cancel?plan=pro-year"
+    answer = live.post("/api/checkout/session", {"plan": "pro-year", "success_url": "https://a.example/x"})
+    assert answer.status_code == 200 and double.requests[-1].form["success_url"] == "https://a.example/x"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "javascript:alert(1)",
+        "ftp://shop.example.com/x",
+        "https://",
+        "//shop.example.com/x",
+        "https://shop.example.com/a b",
+        "https://shop.example.com/\nSet-Cookie:x",
+        "https://shop.example.com/" + "x" * 2100,
+    ],
+)
+def test_success_and_cancel_urls_must_be_http(live: Live, double: StripeDouble, url: str) -> None:
+    for field in ("success_url", "cancel_url"):
+        answer = live.post("/api/checkout/session", {"plan": "pro-monthly", field: url})
+        assert (answer.status_code, answer.json()["error"]["code"]) == (400, "VALIDATION_ERROR")
+    assert double.requests == []
+
+
+@pytest.mark.parametrize("url", ["javascript:alert(1)", "shop.example.com/x", "https://"])
+def test_a_plans_success_url_must_be_http(url: str) -> None:
+    raw = tomllib.loads(TEST_PLANS)
+    raw["plans"]["pro-year"]["success_url"] = url
+    with pytest.raises(ConfigError, match=r"plans\.pro-year\.success_url: must be an http\(s\) URL"):
+        parse_catalog(raw)
 
 
 def test_client_idempotency_key_is_passed_on(live: Live, double: StripeDouble) -> None:

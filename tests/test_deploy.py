@@ -241,6 +241,34 @@ def test_caddy_forwards_the_client_address_and_ignores_spoofing(caddy_in_front: 
     assert requests.get(url + "/health", timeout=10).json()["status"] == "ok"
 
 
+def test_caddy_keeps_the_pages_own_policy_and_masks_links_in_its_log(
+    caddy_in_front: str, tmp_path: Path
+) -> None:
+    """Behind Caddy the customer pages keep the Content-Security-Policy that lets them load
+    their stylesheet and script; the API keeps the strict one; sign-in tokens and checkout
+    ids never reach Caddy's access log."""
+    url = caddy_in_front
+    page = requests.get(url + "/account", timeout=10)
+    assert page.status_code == 200 and "style-src 'self'" in page.headers["Content-Security-Policy"]
+    assert page.headers["X-Frame-Options"] == "DENY"
+    css = re.search(r'href="(/assets/site\.css\?v=\w+)"', page.text)
+    assert css and requests.get(url + css.group(1), timeout=10).status_code == 200
+    api = requests.get(url + "/api/public/plans", timeout=10)
+    assert api.headers["Content-Security-Policy"] == "default-src 'none'; frame-ancestors 'none'"
+    secret = "Zq9" + "x" * 40
+    assert requests.get(url + f"/account/auth?token={secret}", timeout=10).status_code == 400
+    requests.get(url + "/checkout/success?session_id=cs_test_SeCrEt123", timeout=10)
+    log = tmp_path / "access.log"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if log.exists() and log.read_text(encoding="utf-8").count("\n") >= 4:
+            break
+        time.sleep(0.05)
+    text = log.read_text(encoding="utf-8")
+    assert "token=REDACTED" in text and "cs_test_REDACTED" in text
+    assert secret not in text and "SeCrEt123" not in text
+
+
 # --- cron ---------------------------------------------------------------------------------
 
 _FIELD = re.compile(r"^(\*|\d+(-\d+)?)(/\d+)?(,(\*|\d+(-\d+)?)(/\d+)?)*$")
@@ -458,6 +486,15 @@ def test_the_distribution_installs_one_import_name(tmp_path: Path) -> None:
     shipped = {name for name in names if name.endswith(".py")}
     source = {str(path.relative_to(ROOT)) for path in (ROOT / "licensed").rglob("*.py")}
     assert shipped == source
+    # The customer pages' templates, stylesheet and script are package data in the wheel.
+    data = {
+        str(path.relative_to(ROOT))
+        for folder in ("templates", "static")
+        for path in (ROOT / "licensed" / folder).iterdir()
+        if path.is_file()
+    }
+    assert {"licensed/templates/account.html", "licensed/static/site.css", "licensed/static/copy.js"} <= data
+    assert data <= set(names)
     top_level = [name for name in names if name.endswith("top_level.txt")]
     assert [zipfile.ZipFile(wheel).read(n).decode().split() for n in top_level] in ([], [["licensed"]])
 

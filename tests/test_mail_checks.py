@@ -260,8 +260,10 @@ def test_init_writes_editable_templates_once(config: Config, clock: FrozenClock)
         "license_key.txt",
         "license_key_resend.html",
         "license_key_resend.txt",
+        "sign_in_link.html",
+        "sign_in_link.txt",
     ]
-    assert sum("mail template" in line for line in done) == 4
+    assert sum("mail template" in line for line in done) == 6
     (folder / "license_key.txt").write_text("Subject: mine\n\nedited", encoding="utf-8")
     assert not any("mail template" in line for line in init_data_dir(config, int(clock())))
     assert (folder / "license_key.txt").read_text(encoding="utf-8") == "Subject: mine\n\nedited"
@@ -294,12 +296,23 @@ def test_default_body_says_key_plan_activation_and_billing(services: Services) -
         "http://licensed.test/api/license/activate",
         "machine's id",
         "1 machine",
-        "https://shop.example/account?a=1&b=2",
-        "billing portal",
+        "sign in at http://licensed.test/account with this e-mail address",
     ):
         assert needle in text
-    assert "https://shop.example/account?a=1&amp;b=2" in rendered.html
-    assert 'href="https://shop.example/account?a=1&amp;b=2"' in rendered.html
+    assert 'href="http://licensed.test/account"' in rendered.html
+
+
+def test_a_stripe_buyer_is_told_where_billing_is(services: Services) -> None:
+    """The account page opens Stripe's billing portal for what was bought through Stripe."""
+    lic = services.store.get_license(_issue(services, "buyer@example.com", send_email=False))
+    assert lic is not None
+    args = {"product_name": "P", "plan_name": "N", "to_name": None, "app_base_url": "https://l.example"}
+    plain, _ = mailer.template_values(lic, "KEY", website_url=None, **args)
+    assert "billing portal" not in plain["manage"]
+    lic.stripe_customer_id = "cus_1"
+    paid, html_raw = mailer.template_values(lic, "KEY", website_url=None, **args)
+    assert "billing portal" in paid["manage"] and "https://l.example/account" in paid["manage"]
+    assert 'href="https://l.example/account"' in html_raw["manage_html"]
 
 
 def test_html_body_escapes_every_value(services: Services) -> None:

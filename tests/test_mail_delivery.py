@@ -202,7 +202,7 @@ def test_the_key_arrives_and_validates(live: Live, sink: SmtpSink) -> None:
     text, body_html = body(msg, "plain"), body(msg, "html")
     keys = KEY.findall(text)
     assert len(keys) == 1 and keys[0] in body_html
-    assert "DashCaddy Pro, monthly" in text and "https://shop.example" in text
+    assert "DashCaddy Pro, monthly" in text and "http://licensed.test/account" in text
 
     answer = live.post("/api/license/validate", {"key": keys[0], "machine_id": "m-1"}).json()
     assert answer["code"] == "VALID"

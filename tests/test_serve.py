@@ -26,6 +26,7 @@ def test_first_start_then_sigterm_stops_cleanly(tmp_path: Path) -> None:
     try:
         wait_for(lambda: healthy(f"http://127.0.0.1:{port}"), 30, "the server")
         assert sorted(p.name for p in data.iterdir()) == [
+            "account.secret",
             "keys",
             "licensed.sqlite3",
             "licensed.sqlite3-shm",

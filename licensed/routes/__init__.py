@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..ratelimit import RateLimiter
 from ..services import Services
 from ..web import Route
-from . import admin, license, metrics, public, stripe, subscriptions
+from . import account, admin, html, license, metrics, public, purchase, stripe, subscriptions
 
 
 def all_routes(services: Services, failures: RateLimiter | None = None) -> list[Route]:
@@ -21,4 +21,7 @@ def all_routes(services: Services, failures: RateLimiter | None = None) -> list[
         *subscriptions.routes(services),
         *metrics.routes(services),
         *admin.routes(services, failures),
+        *purchase.routes(services),
+        *account.routes(services),
+        *html.routes(services),
     ]

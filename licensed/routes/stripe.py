@@ -5,14 +5,22 @@ from __future__ import annotations
 from .. import addresses, checkout, identities, openapi
 from ..errors import LicensedError, StripeNotConfigured, WebhookSignatureError
 from ..metrics import REGISTRY
+from ..plans import MAX_URL_LENGTH
 from ..services import Services
 from ..stripe_api import parse_event, verify_signature
 from ..stripe_sync import EventProcessor
 from ..web import Request, Response, Route
 from .guards import optional_identity, require_identity
 
+REDIRECT_PATTERN = "^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?([/?#][!-~]*)?$"
+"""A success or cancel URL: http(s), a host name, printable ASCII (``{CHECKOUT_SESSION_ID}`` too)."""
 CHECKOUT_BODY = openapi.obj(
-    {"plan": openapi.string(1, 64), "email": openapi.string(3, 254, pattern=addresses.SCHEMA_PATTERN)},
+    {
+        "plan": openapi.string(1, 64),
+        "email": openapi.string(3, 254, pattern=addresses.SCHEMA_PATTERN),
+        "success_url": openapi.string(8, MAX_URL_LENGTH, pattern=REDIRECT_PATTERN),
+        "cancel_url": openapi.string(8, MAX_URL_LENGTH, pattern=REDIRECT_PATTERN),
+    },
     required=["plan"],
 )
 WEBHOOK_MAX_BODY = 1024 * 1024
@@ -30,6 +38,8 @@ def routes(services: Services) -> list[Route]:
             email=body.get("email"),
             identity=optional_identity(services, request),
             idempotency_key=request.header("Idempotency-Key"),
+            success_url=body.get("success_url"),
+            cancel_url=body.get("cancel_url"),
         )
         return Response(answer)
 
