@@ -15,7 +15,6 @@ import itertools
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -29,6 +28,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support.clock import DAY, T0
 from support.live import Live
+from support.server_proc import run_cli
 
 from licensed import admin, export, keys, licensing, openapi
 from licensed.app import App
@@ -208,15 +208,7 @@ class CliDriver:
         return int(time.time())
 
     def run(self, *argv: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "licensed", "admin", *argv],
-            env=self.env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        return run_cli(self.env, "admin", *argv)
 
     def _call(self, *argv: str) -> dict[str, Any]:
         done = self.run(*argv, "--json")

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,11 +11,11 @@ import requests
 from support import stripe_events as se
 from support.clock import DAY, T0
 from support.live import Live
+from support.server_proc import run_cli
 
 from licensed.config import Config
 
 TOKEN = "adm_replay_0123456789abcdef"
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -92,14 +89,7 @@ def test_replay_that_fails_again_is_409(live: Live) -> None:
 def test_replay_from_the_command_line(live: Live) -> None:
     sub_id, renewal = failed_renewal(live)
     env = {**os.environ, "DATA_DIR": str(live.services.config.data_dir)}
-    done = subprocess.run(
-        [sys.executable, "-m", "licensed", "admin", "replay", renewal["id"], "--json"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_cli(env, "admin", "replay", renewal["id"], "--json")
     assert done.returncode == 0, done.stderr
     assert '"outcome": "applied"' in done.stdout
     assert paid_through(live, sub_id) == T0 + 60 * DAY

@@ -6,7 +6,6 @@ import os
 import shutil
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from support.clock import T0, FrozenClock
+from support.server_proc import run_cli
 
 from licensed import backup, keys, licensing
 from licensed.errors import Conflict
@@ -26,15 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run_backup(services: Services, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DATA_DIR": str(services.config.data_dir), "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "licensed", "backup", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_cli(env, "backup", *args)
 
 
 @dataclass

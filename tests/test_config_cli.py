@@ -22,6 +22,7 @@ from support.clock import DAY
 from support.forge import claims_of, split_key
 from support.live import Live
 from support.plans import TEST_PLANS
+from support.server_proc import run_cli as run_licensed
 
 from licensed import keys
 from licensed.config import Config, read_env_file
@@ -37,15 +38,7 @@ def run_cli(
 ) -> subprocess.CompletedProcess[str]:
     """``python -m licensed ARGS`` with only the settings given (nothing inherited)."""
     clean = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT), "HOME": "/tmp"}
-    return subprocess.run(
-        [sys.executable, "-m", "licensed", *args],
-        env={**clean, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        cwd=ROOT,
-    )
+    return run_licensed({**clean, **(env or {})}, *args, timeout=timeout)
 
 
 def one_line_failure(done: subprocess.CompletedProcess[str]) -> str:

@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import resource
 import socket
-import subprocess
-import sys
 import time
 import unicodedata
 from collections.abc import Iterator
@@ -26,7 +24,7 @@ import requests
 from support import stripe_events as se
 from support.clock import DAY, T0
 from support.live import Live
-from support.server_proc import ROOT, ServerProcess, make_data_dir
+from support.server_proc import ServerProcess, make_data_dir, run_cli
 
 from licensed import keys
 from licensed.checkout import KEY_SHOWN_SECONDS
@@ -141,27 +139,11 @@ def test_cli_output_escapes_control_characters(live: Live) -> None:
     lic = live.issue_license("pro-year", email="eve@example.com")
     live.services.store.execute("UPDATE customers SET name = ? WHERE id = ?", (name, lic.customer_id))
     env = {"DATA_DIR": str(live.services.config.data_dir), "PATH": "/usr/bin:/bin", "HOME": "/tmp"}
-    done = subprocess.run(
-        [sys.executable, "-m", "licensed", "admin", "show", lic.id],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_cli(env, "admin", "show", lic.id)
     assert done.returncode == 0, done.stderr
     assert "\x1b" not in done.stdout and "\x07" not in done.stdout
     assert "Eve\\x1b]0;owned\\x07\\x1b[2J" in done.stdout
-    as_json = subprocess.run(
-        [sys.executable, "-m", "licensed", "admin", "show", lic.id, "--json"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    as_json = run_cli(env, "admin", "show", lic.id, "--json")
     assert json.loads(as_json.stdout)["license"]["name"] == name  # JSON escapes them itself
 
 

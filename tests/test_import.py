@@ -28,6 +28,7 @@ import pytest
 from support import stripe_events as se
 from support.clock import DAY, T0
 from support.live import Live
+from support.server_proc import run_cli
 from support.stripe_double import stripe_double
 from support.stripe_scenarios import HOUR, P1, P2, Stream
 
@@ -62,15 +63,7 @@ def run_import(live: Live, path: Path, *extra: str) -> subprocess.CompletedProce
         "DATA_DIR": str(live.services.config.data_dir),
         "APP_BASE_URL": ISSUER,
     }
-    return subprocess.run(
-        [sys.executable, "-m", "licensed", "admin", "import", str(path), *extra],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        cwd=ROOT,
-    )
+    return run_cli(env, "admin", "import", str(path), *extra, timeout=120)
 
 
 def write_lines(path: Path, lines: list[Any]) -> Path:
@@ -328,15 +321,8 @@ def test_imported_licence_is_found_by_old_key_and_revoked_with_both_keys(live: L
     assert [a["action"] for a in shown["audit"]] == ["license.import"]
 
     env = {"DATA_DIR": str(live.services.config.data_dir), "PATH": os.environ.get("PATH", ""), "HOME": "/tmp"}
-    cli = subprocess.run(
-        [sys.executable, "-m", "licensed", "admin", "find", "--key", old, "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-        cwd=ROOT,
-    )
+    cli = run_cli(env, "admin", "find", "--key", old, "--json")
+    assert cli.returncode == 0, cli.stderr
     assert [x["id"] for x in json.loads(cli.stdout)["licenses"]] == [lic_id]
     assert old not in cli.stdout
 

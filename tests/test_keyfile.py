@@ -10,7 +10,6 @@ import json
 import os
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ import nacl.pwhash
 import nacl.signing
 import pytest
 from support.plans import TEST_PLANS
+from support.server_proc import run_cli
 
 from licensed import keyfile, keys, licensing
 from licensed.config import Config
@@ -233,15 +233,7 @@ def test_a_short_passphrase_is_refused() -> None:
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     clean = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT), "HOME": "/tmp"}
-    return subprocess.run(
-        [sys.executable, "-m", "licensed", *args],
-        env={**clean, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        cwd=ROOT,
-    )
+    return run_cli({**clean, **env}, *args)
 
 
 def one_line_failure(done: subprocess.CompletedProcess[str]) -> str:

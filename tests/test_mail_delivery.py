@@ -22,6 +22,7 @@ import pytest
 from support import stripe_events as se
 from support.clock import T0, FrozenClock
 from support.live import Live
+from support.server_proc import run_cli
 from support.smtp_sink import DROP, SmtpSink, make_certificate, server_context
 
 from licensed import addresses, licensing, mailer
@@ -103,14 +104,7 @@ def cli_env(config: Config, **extra: str) -> dict[str, str]:
 
 
 def licensed_cli(config: Config, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "licensed", *args],
-        env=cli_env(config, **extra),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_cli(cli_env(config, **extra), *args)
 
 
 # --- header injection ----------------------------------------------------------------------------

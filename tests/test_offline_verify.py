@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import pytest
 from support.clock import DAY
 from support.forge import claims_of, ed25519_token, flip, header_of, split_key
 from support.live import Live
+from support.server_proc import run_cli
 
 from licensed import keys, licensing
 
@@ -197,14 +197,7 @@ def test_jose_enforces_expiry(real_time: Live, node: str) -> None:
 def rotate_with_cli(live: Live) -> str:
     """``licensed keys rotate`` in its own process, on the live server's data dir."""
     env = {**os.environ, "DATA_DIR": str(live.services.config.data_dir), "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(
-        [sys.executable, "-m", "licensed", "keys", "rotate"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_cli(env, "keys", "rotate")
     assert done.returncode == 0, done.stderr
     new_kid = done.stdout.split()[3].rstrip(";")
     assert (live.services.config.keys_dir / f"{new_kid}{keys.KEY_SUFFIX}").exists()

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +22,7 @@ import requests
 from support.clock import DAY, T0
 from support.live import Live
 from support.oidc_provider import AUDIENCE, Provider, SigningKey, ec_key, rsa_key
+from support.server_proc import run_cli
 
 from licensed import identities, licensing, oidc
 from licensed.config import Config
@@ -398,9 +397,7 @@ def test_serve_refuses_half_given_settings(tmp_path: Path) -> None:
         "DATA_DIR": str(tmp_path / "data"),
         "OIDC_AUDIENCE": "https://api.licensed.test",
     }
-    done = subprocess.run(
-        [sys.executable, "-m", "licensed", "serve"], env=env, capture_output=True, text=True, timeout=60
-    )
+    done = run_cli(env, "serve")
     assert done.returncode == 2
     assert "OIDC_ISSUER" in done.stderr
     assert not (tmp_path / "data").exists()

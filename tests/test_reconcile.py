@@ -6,7 +6,6 @@ import fcntl
 import os
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ from support import stripe_events as se
 from support.clock import T0
 from support.emulator import Emulator, Served, emulator, free_port, served
 from support.live import Live
+from support.server_proc import run_cli
 from support.stripe_double import StripeDouble, stripe_double
 
 from licensed import errors, stripe_api, stripe_sync
@@ -163,17 +163,9 @@ def test_stripe_setup_creates_then_updates(double: StripeDouble, data_dir: Path)
         "APP_BASE_URL": base_url,
     }
     os_env = {**os.environ, **env}
-    root = Path(__file__).resolve().parent.parent
 
     def setup() -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "licensed", "stripe", "setup"],
-            cwd=root,
-            env=os_env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        return run_cli(os_env, "stripe", "setup")
 
     first = setup()
     assert first.returncode == 0, first.stderr

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import stripe
 from support.emulator import Emulator, Served, run_emulator, serve
+from support.plans import SOLD_PLANS
 
 from licensed import stripe_sync
 from licensed.plans import load_catalog
@@ -28,29 +29,9 @@ from licensed.stripe_api import StripeGateway
 from licensed.trial_purchase import Step, TrialPurchase, choose_plan
 
 ADMIN_TOKEN = "e2e-admin-token-0123456789abcdefghij"
-PLANS = """\
-[products.dashcaddy]
-name = "DashCaddy"
-key_prefix = "DC"
-
-[plans.pro-monthly]
-product = "dashcaddy"
-name = "DashCaddy Pro, monthly"
-tier = "PRO"
-stripe_price = "price_pro_monthly"
-max_machines = 1
-features = ["sso", "recipes"]
-grace_days = 7
-
-[plans.team-monthly]
-product = "dashcaddy"
-name = "DashCaddy Team, monthly"
-tier = "TEAM"
-stripe_price = "price_team_monthly"
-max_machines = 3
-features = ["sso", "recipes", "swarm"]
-grace_days = 7
-
+PLANS = (
+    SOLD_PLANS
+    + """
 [plans.lifetime]
 product = "dashcaddy"
 name = "DashCaddy Lifetime"
@@ -59,6 +40,8 @@ max_machines = 2
 lifetime = true
 public = false
 """
+)
+"""Every plan sold has its price in the emulator; the lifetime plan is sold by no price."""
 STEP = re.compile(r"^(ok|FAIL)  +([a-zA-Z -]+): (.*) \((\d+\.\d\d) s\)$")
 
 

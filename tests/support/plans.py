@@ -1,13 +1,9 @@
 """The plans file every test server reads."""
 
-TEST_PLANS = """\
+SOLD_PLANS = """\
 [products.dashcaddy]
 name = "DashCaddy"
 key_prefix = "DC"
-
-[products.desktop]
-name = "Desktop App"
-key_prefix = "DT"
 
 [plans.pro-monthly]
 product = "dashcaddy"
@@ -26,6 +22,15 @@ stripe_price = "price_team_monthly"
 max_machines = 3
 features = ["sso", "recipes", "swarm"]
 grace_days = 7
+"""
+"""The plans whose prices the Stripe emulator sells (support/emulator.py makes them there)."""
+
+TEST_PLANS = (
+    SOLD_PLANS
+    + """
+[products.desktop]
+name = "Desktop App"
+key_prefix = "DT"
 
 [plans.basic-monthly]
 product = "dashcaddy"
@@ -61,3 +66,4 @@ stripe_price = "price_desktop_pro"
 features = ["export"]
 duration_days = 30
 """
+)
