@@ -95,7 +95,6 @@ class Traffic:
             )
             return event("customer.subscription.created", obj, now, event_id=f"evt_soak_{number}")
         obj = invoice(
-            invoice_id=f"in_soak_{number}",
             customer=customer,
             sub_id=sub_id,
             period_end=period_end,

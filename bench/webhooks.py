@@ -99,7 +99,6 @@ def main() -> None:
                 key = services.licensing.key(lic)
                 pi = f"pi_bench_{i}"
                 inv = invoice(
-                    invoice_id=f"in_bench_{i}",
                     customer=f"cus_{sub_id}",
                     sub_id=sub_id,
                     period_end=now + 30 * 86400,
@@ -110,7 +109,7 @@ def main() -> None:
                 assert (
                     session.post(url + "/api/stripe/webhook", data=body, headers=headers).status_code == 200
                 )
-                refund = charge(charge_id=f"ch_bench_{i}", payment_intent=pi, refunded=2000)
+                refund = charge(charge_id=f"ch_bench_{i}", payment_intent=pi, refunded_amount=2000)
                 body, headers = signed(event("charge.refunded", refund, now, f"evt_bench_{i}_refund"), now)
                 assert (
                     session.post(url + "/api/stripe/webhook", data=body, headers=headers).status_code == 200
