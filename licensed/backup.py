@@ -9,14 +9,12 @@ and an existing file is never replaced unless asked to.
 
 from __future__ import annotations
 
-import secrets
 import time
-from contextlib import suppress
 from pathlib import Path
 
 from .config import Config
 from .errors import BackupFailed, Conflict, StorageUnavailable, ValidationFailed
-from .files import fsync_path, publish
+from .files import NameTaken, write_whole
 from .store import Store, integrity_check, open_store
 
 
@@ -42,20 +40,17 @@ def backup(store: Store, target: Path, *, force: bool = False) -> Path:
         raise ValidationFailed(f"no directory {target.parent}")
     if target.exists() and target.samefile(store.path):
         raise ValidationFailed("the backup cannot replace the live database")
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
-    try:
+
+    def fill(tmp: Path) -> None:
         store.backup_to(tmp)
         check_copy(tmp)
-        fsync_path(tmp)
-        try:
-            publish(tmp, target, force=force)
-        except FileExistsError as err:
-            raise _exists(target) from err
+
+    try:
+        write_whole(target, fill, force=force)
+    except NameTaken as err:
+        raise _exists(target) from err
     except OSError as err:
         raise BackupFailed(f"cannot write {target}: {err.strerror or err}") from err
-    finally:
-        with suppress(FileNotFoundError):
-            tmp.unlink()
     return target
 
 

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import os
+import secrets
+from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
+
+
+class NameTaken(FileExistsError):
+    """The target's name was taken, and the file was not to replace it."""
 
 
 def fsync_path(path: Path) -> None:
@@ -21,17 +28,34 @@ def publish(tmp: Path, target: Path, *, force: bool) -> None:
     Without ``force`` an existing ``target`` is never replaced: a hard link fails
     if the name was taken meanwhile, unlike a rename; where the file system has
     no hard links, the name is checked just before the rename. Raises
-    :class:`FileExistsError` when the name is taken.
+    :class:`NameTaken` when the name is taken.
     """
     if force:
         os.replace(tmp, target)
     else:
         try:
             os.link(tmp, target)
-        except FileExistsError:
-            raise
+        except FileExistsError as err:
+            raise NameTaken(target) from err
         except OSError:
             if target.exists():
-                raise FileExistsError(target) from None
+                raise NameTaken(target) from None
             os.replace(tmp, target)
     fsync_path(target.parent)
+
+
+def write_whole(target: Path, fill: Callable[[Path], None], *, force: bool) -> None:
+    """Have ``fill`` write the file at a hidden temporary name beside ``target``, sync it,
+    then :func:`publish` it under ``target``. The temporary file never outlives the call.
+
+    Raises :class:`NameTaken` as ``publish`` does, and whatever ``fill`` or the
+    file system raise (``OSError``) for the caller to translate.
+    """
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        fill(tmp)
+        fsync_path(tmp)
+        publish(tmp, target, force=force)
+    finally:
+        with suppress(FileNotFoundError):
+            tmp.unlink()

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import json
 import os
 import secrets
@@ -38,7 +37,7 @@ import nacl.secret
 from . import keys
 from .config import Config
 from .errors import ConfigError, Conflict, KeyConflict, KeyFileError, WrongPassphrase
-from .files import publish
+from .files import NameTaken, write_whole
 from .keys import KeyRing, SigningKey
 
 FORMAT = "licensed-keys"
@@ -201,28 +200,19 @@ def _write_private(target: Path, data: bytes, *, force: bool) -> None:
         raise _exists(target)
     if not target.parent.is_dir():
         raise KeyFileError(f"no directory {target.parent}")
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
-    try:
+
+    def fill(tmp: Path) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
+        with os.fdopen(fd, "wb") as handle:
             os.fchmod(fd, 0o600)  # the umask may have taken bits away from the owner too
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-            raise
-        try:
-            publish(tmp, target, force=force)
-        except FileExistsError as err:
-            raise _exists(target) from err
+            handle.write(data)
+
+    try:
+        write_whole(target, fill, force=force)
+    except NameTaken as err:
+        raise _exists(target) from err
     except OSError as err:
         raise KeyFileError(f"cannot write {target}: {err.strerror or err}") from err
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 
 
 def export_keys(
