@@ -344,8 +344,9 @@ class Licensing:
 
     def _read(
         self, req: LicenseRequest, now: int
-    ) -> tuple[License, keys.ParsedKey | None, Seat | None] | dict[str, Any]:
-        """The licence a key names with the machine's seat, or the outcome that stops the request.
+    ) -> tuple[License, keys.ParsedKey | None, Seat | None, int] | dict[str, Any]:
+        """The licence a key names, the machine's seat and the seats taken, or the outcome
+        that stops the request.
 
         The parsed key is None for a key imported from the system used before
         (``licensed admin import``), found by its SHA-256 instead of a signature.
@@ -370,23 +371,22 @@ class Licensing:
             return {"valid": False, "code": NOT_FOUND}
         if parsed is None and req.product is not None and req.product != lic.product:
             return {"valid": False, "code": PRODUCT_MISMATCH}
-        seat = Seat(hashes[0], seen_hash, seen_at, used) if hashes else None
-        return lic, parsed, seat
+        seat = Seat(hashes[0], seen_hash, seen_at) if hashes else None
+        return lic, parsed, seat, used
 
     def check(self, req: LicenseRequest, now: int) -> dict[str, Any]:
         """Validate (and, with a machine id, activate when a seat is free)."""
         read = self._read(req, now)
         if isinstance(read, dict):
             return read
-        lic, parsed, seat = read
+        lic, parsed, seat, used = read
         code = entitlement(lic, now)
         activated = False
-        used = seat.used if seat is not None else self.store.count_machines(lic.id, lic.seated_since(now))
         if code in VALID_CODES:
             if lic.key_kid != self.ring.current.kid:
                 lic = self._restamped(lic, now)
             if seat is not None:
-                activated, used = self._seat(lic, seat, now, req.label)
+                activated, used = self._seat(lic, seat, used, now, req.label)
                 if not activated:
                     code = TOO_MANY_MACHINES
         answer: dict[str, Any] = {
@@ -422,10 +422,11 @@ class Licensing:
             log.warning("key not re-issued: the database cannot be written", extra={"license": lic.id})
             return lic
 
-    def _seat(self, lic: License, seat: Seat, now: int, label: str | None) -> tuple[bool, int]:
+    def _seat(self, lic: License, seat: Seat, used: int, now: int, label: str | None) -> tuple[bool, int]:
         """Take a seat for the machine, or confirm it has one; never over the limit.
 
-        Returns whether the machine has a seat, and how many seats are taken. A
+        ``used``: the seats taken as read with ``seat``. Returns whether the
+        machine has a seat, and how many seats are taken. A
         write re-reads the seats inside its transaction (``BEGIN IMMEDIATE``
         serialises writers), so concurrent activations never exceed the limit.
         A seat is stamped seen at most hourly, its label with it; machines not
@@ -437,25 +438,25 @@ class Licensing:
             and seat.seen_hash == seat.machine_hash
             and now - seat.seen_at < SEEN_WRITE_INTERVAL
         ):
-            return True, seat.used
+            return True, used
         try:
             with self.store.atomic():
                 seated_since = lic.seated_since(now)
-                seen_hash, used = self.store.machine_state(lic.id, seat.hashes(), seated_since)
+                seen_hash, taken = self.store.machine_state(lic.id, seat.hashes(), seated_since)
                 if seen_hash is not None:
                     self.store.touch_machine(lic.id, seen_hash, seat.machine_hash, now, label)
-                    return True, used
-                if used >= lic.max_machines:
-                    return False, used
+                    return True, taken
+                if taken >= lic.max_machines:
+                    return False, taken
                 if seated_since:
                     self.store.release_stale_machines(lic.id, seated_since)
                 self.store.add_machine(lic.id, seat.machine_hash, now, label)
-                return True, used + 1
+                return True, taken + 1
         except StorageUnavailable:
             if seat.seen_at is None:
                 raise  # a new seat needs the write
             # Already seated: only the last-seen stamp is lost, and it can wait.
-            return True, seat.used
+            return True, used
 
     def deactivate(self, req: LicenseRequest, now: int) -> dict[str, Any]:
         """Free a seat: the caller's machine (``machine_id``), or another one named by its
@@ -463,7 +464,7 @@ class Licensing:
         read = self._read(req, now)
         if isinstance(read, dict):
             return {**read, "deactivated": False}
-        lic, parsed, seat = read
+        lic, parsed, seat, _ = read
         with self.store.atomic():
             if seat is not None:
                 removed = self.store.remove_machine(lic.id, seat.hashes())
@@ -529,7 +530,6 @@ class Seat:
     seen_hash: str | None
     """The hash of the row that seats it (the canonical one, or an older spelling's)."""
     seen_at: int | None
-    used: int
 
     def hashes(self) -> tuple[str, ...]:
         """The hashes this machine's row may carry."""

@@ -13,6 +13,8 @@ from support.live import Live
 
 from licensed import store as store_module
 from licensed.errors import Conflict, StorageUnavailable
+from licensed.licensing import LicenseRequest, issue_license
+from licensed.services import Services
 from licensed.store import MIGRATIONS, Store, open_store
 
 
@@ -144,3 +146,29 @@ def test_health_is_503_when_the_database_cannot_be_written(
     live.services.store.close()
     assert live.get("/health").status_code == 200
     assert live.post("/api/license/activate", {"key": key, "machine_id": "m-1"}).json()["code"] == "VALID"
+
+
+@pytest.mark.parametrize("machine_id", [None, "host-a"])
+def test_a_validation_reads_in_one_statement(services: Services, machine_id: str | None) -> None:
+    """Installations validate every few hours: one read each, with or without a machine
+    already seated (seated within the hour, so no last-seen stamp is written)."""
+    now = services.now()
+    lic = issue_license(
+        services.store,
+        services.ring,
+        services.catalog.plans["pro-year"],
+        email="one-read@example.com",
+        now=now,
+        actor="test",
+    )
+    request = LicenseRequest(key=services.licensing.key(lic), machine_id=machine_id)
+    assert services.licensing.check(request, now)["valid"]  # seats the machine, if any
+    statements: list[str] = []
+    services.store.conn.set_trace_callback(statements.append)
+    try:
+        answer = services.licensing.check(request, now)
+    finally:
+        services.store.conn.set_trace_callback(None)
+    assert answer["code"] == "VALID"
+    assert answer["license"]["machines_used"] == (1 if machine_id else 0)
+    assert len(statements) == 1, statements
