@@ -668,6 +668,24 @@ class Store:
 
     # --- customers ---------------------------------------------------------------
 
+    def _customer_for(self, stripe_customer_id: str | None, email: str | None) -> str | None:
+        """The customer with that Stripe customer id or, without one, the oldest with that
+        e-mail (any case) and no Stripe id."""
+        if stripe_customer_id:
+            row = self.one("SELECT id FROM customers WHERE stripe_customer_id = ?", (stripe_customer_id,))
+        elif email:
+            # "+" keeps SQLite on the e-mail index: left to itself it walks the unique index
+            # of stripe_customer_id through every customer without one (measured: 0.44 ms a
+            # look-up on average, most of a 10,000-line import's time; BENCHMARKS.md).
+            row = self.one(
+                "SELECT id FROM customers WHERE email = ? COLLATE NOCASE"
+                " AND +stripe_customer_id IS NULL ORDER BY created_at LIMIT 1",
+                (email,),
+            )
+        else:
+            row = None
+        return str(row[0]) if row else None
+
     def upsert_customer(
         self,
         now: int,
@@ -678,22 +696,14 @@ class Store:
         oidc_sub: str | None = None,
     ) -> str:
         """The customer id for a Stripe customer (or, without one, an e-mail)."""
-        row = None
-        if stripe_customer_id:
-            row = self.one("SELECT id FROM customers WHERE stripe_customer_id = ?", (stripe_customer_id,))
-        elif email:
-            row = self.one(
-                "SELECT id FROM customers WHERE email = ? COLLATE NOCASE"
-                " AND stripe_customer_id IS NULL ORDER BY created_at LIMIT 1",
-                (email,),
-            )
-        if row:
+        found = self._customer_for(stripe_customer_id, email)
+        if found is not None:
             self.execute(
                 "UPDATE customers SET email = COALESCE(?, email), name = COALESCE(?, name),"
                 " oidc_sub = COALESCE(oidc_sub, ?), updated_at = ? WHERE id = ?",
-                (email, name, oidc_sub, now, row[0]),
+                (email, name, oidc_sub, now, found),
             )
-            return str(row[0])
+            return found
         customer_id = new_id("cus")
         self.execute(
             "INSERT INTO customers (id, email, name, stripe_customer_id, oidc_sub, created_at, updated_at)"
@@ -769,8 +779,8 @@ class Store:
 
     def imported_key_license(self, key_hash: str) -> str | None:
         """The licence an imported key (by its hash) stands for: one primary-key read."""
-        row = self.one("SELECT license_id FROM imported_keys WHERE key_hash = ?", (key_hash,))
-        return str(row[0]) if row else None
+        found = self.imported_key(key_hash)
+        return found[0] if found else None
 
     def imported_key(self, key_hash: str) -> tuple[str, str] | None:
         """(licence id, owner) of an imported key, or None when it was never imported."""
@@ -796,20 +806,10 @@ class Store:
         An existing customer keeps its contact (Stripe's, or an earlier line's); only
         what it lacks is filled in.
         """
-        if stripe_customer_id:
-            row = self.one("SELECT id FROM customers WHERE stripe_customer_id = ?", (stripe_customer_id,))
-        else:
-            # "+" keeps SQLite on the e-mail index: left to itself it walks the unique index
-            # of stripe_customer_id through every customer without one (measured: 0.44 ms a
-            # look-up on average, most of a 10,000-line import's time; BENCHMARKS.md).
-            row = self.one(
-                "SELECT id FROM customers WHERE email = ? COLLATE NOCASE"
-                " AND +stripe_customer_id IS NULL ORDER BY created_at LIMIT 1",
-                (email,),
-            )
-        if row is not None:
-            self.fill_customer_contact(str(row[0]), email, name, now)
-            return str(row[0])
+        found = self._customer_for(stripe_customer_id, email)
+        if found is not None:
+            self.fill_customer_contact(found, email, name, now)
+            return found
         customer_id = new_id("cus")
         self.execute(
             "INSERT INTO customers (id, email, name, stripe_customer_id, created_at, updated_at)"
