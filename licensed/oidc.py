@@ -387,11 +387,7 @@ def parse_jwks(body: bytes) -> dict[str, dict[str, Any]]:
     material PyJWT accepts. Symmetric (``oct``) and encryption keys are dropped,
     so no token can ever be checked with a shared secret.
     """
-    try:
-        document = json.loads(body)
-    except (ValueError, RecursionError) as err:
-        raise OidcUnavailable("the identity provider's JWKS is not JSON") from err
-    raw_keys = document.get("keys") if isinstance(document, dict) else None
+    raw_keys = _json_object(body, "JWKS").get("keys")
     if not isinstance(raw_keys, list):
         raise OidcUnavailable("the identity provider's JWKS has no keys list")
     kinds = {kty for kty, _ in ALGORITHMS.values()}
