@@ -198,10 +198,6 @@ class Config:
     def keys_dir(self) -> Path:
         return self.data_dir / "keys"
 
-    @property
-    def stripe_configured(self) -> bool:
-        return bool(self.stripe_secret_key)
-
     @classmethod
     def from_sources(cls, environ: Mapping[str, str], env_file: Path | None = None) -> Config:
         """Build the config from an optional env file overlaid by the environment."""

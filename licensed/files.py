@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 from collections.abc import Callable
@@ -10,7 +11,10 @@ from pathlib import Path
 
 
 class NameTaken(FileExistsError):
-    """The target's name was taken, and the file was not to replace it."""
+    """The target's name was taken, and the file was not to replace it (``filename``: the target)."""
+
+    def __init__(self, target: Path) -> None:
+        super().__init__(errno.EEXIST, "the name is taken", str(target))
 
 
 def fsync_path(path: Path) -> None:
@@ -59,3 +63,15 @@ def write_whole(target: Path, fill: Callable[[Path], None], *, force: bool) -> N
     finally:
         with suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def write_private(target: Path, data: bytes, *, force: bool) -> None:
+    """:func:`write_whole` of ``data`` into a file of mode 0600, whatever the umask."""
+
+    def fill(tmp: Path) -> None:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(fd, 0o600)  # the umask may have taken bits away from the owner too
+            handle.write(data)
+
+    write_whole(target, fill, force=force)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ import nacl.secret
 from . import keys
 from .config import Config
 from .errors import ConfigError, Conflict, KeyConflict, KeyFileError, WrongPassphrase
-from .files import NameTaken, write_whole
+from .files import NameTaken, write_private
 from .keys import KeyRing, SigningKey
 
 FORMAT = "licensed-keys"
@@ -201,14 +200,8 @@ def _write_private(target: Path, data: bytes, *, force: bool) -> None:
     if not target.parent.is_dir():
         raise KeyFileError(f"no directory {target.parent}")
 
-    def fill(tmp: Path) -> None:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(fd, 0o600)  # the umask may have taken bits away from the owner too
-            handle.write(data)
-
     try:
-        write_whole(target, fill, force=force)
+        write_private(target, data, force=force)
     except NameTaken as err:
         raise _exists(target) from err
     except OSError as err:
@@ -289,7 +282,7 @@ def import_keys(config: Config, source: Path) -> ImportResult:
     for key in imported:
         try:
             keys.write_key(config.keys_dir, key, replace=False)
-        except FileExistsError as err:
+        except NameTaken as err:
             raise KeyConflict(f"{err.filename} appeared during the import; it was left alone") from err
         except OSError as err:
             raise KeyFileError(f"cannot write {config.keys_dir}: {err.strerror or err}") from err

@@ -11,11 +11,9 @@ never stored.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import json
-import os
 import stat
 import threading
 import time
@@ -30,6 +28,7 @@ import nacl.signing
 
 from . import jws
 from .errors import ConfigError, InvalidToken
+from .files import write_private
 from .plans import Catalog, Product
 
 LIFETIME_SECONDS = 100 * 365 * 86400
@@ -115,40 +114,14 @@ def key_path(keys_dir: Path, kid: str) -> Path:
 
 
 def write_key(keys_dir: Path, key: SigningKey, *, replace: bool = True) -> Path:
-    """Write ``key`` to its file (mode 0600, fsynced, then linked into place).
+    """Write ``key`` to its file (mode 0600, written whole: see :func:`files.write_private`).
 
     With ``replace=False`` an existing file of that name is never overwritten:
-    :class:`FileExistsError` is raised instead.
+    :class:`files.NameTaken` is raised instead.
     """
     keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = key_path(keys_dir, key.kid)
-    tmp = keys_dir / f".{key.kid}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(key_body(key), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if replace:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # fails if the name is taken, unlike a rename
-            except FileExistsError:
-                raise
-            except OSError:
-                # No hard links on this file system: check, then rename.
-                if path.exists():
-                    raise FileExistsError(path) from None
-                os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    dir_fd = os.open(keys_dir, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_private(path, json.dumps(key_body(key)).encode(), force=replace)
     return path
 
 
@@ -165,12 +138,6 @@ class KeyRing:
         self._stamp: int = -1
         self._checked = 0.0
         self._load()
-
-    @classmethod
-    def open(cls, keys_dir: Path, create: bool = False) -> KeyRing:
-        if create and not any(keys_dir.glob(f"*{KEY_SUFFIX}")):
-            create_key(keys_dir)
-        return cls(keys_dir)
 
     def _load(self) -> None:
         if not self.keys_dir.is_dir():
@@ -216,14 +183,6 @@ class KeyRing:
     def verify_key(self, kid: str) -> nacl.signing.VerifyKey | None:
         key = self.get(kid)
         return key.verify_key if key else None
-
-    def retired_at(self, kid: str) -> float | None:
-        """When ``kid`` stopped signing (the next key's birth), or None if it signs."""
-        keys = self.keys
-        for older, newer in itertools.pairwise(keys):
-            if older.kid == kid:
-                return newer.created_at
-        return None
 
     def jwks(self, still_needed: Callable[[SigningKey, float], bool]) -> dict[str, Any]:
         """Keys able to verify something unexpired: the current one, and each

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import stat
+from dataclasses import replace
 from pathlib import Path
 
+import nacl.signing
 import pytest
 
-from licensed.files import NameTaken, write_whole
+from licensed import keys
+from licensed.files import NameTaken, write_private, write_whole
 
 
 def leftovers(directory: Path) -> list[str]:
@@ -27,8 +33,9 @@ def test_a_name_taken_while_writing_is_never_replaced(tmp_path: Path) -> None:
         tmp.write_bytes(b"new")
         target.write_bytes(b"someone else's")  # the name is taken meanwhile
 
-    with pytest.raises(NameTaken):
+    with pytest.raises(NameTaken) as taken:
         write_whole(target, fill, force=False)
+    assert taken.value.filename == str(target)
     assert target.read_bytes() == b"someone else's"
     assert leftovers(tmp_path) == []
 
@@ -52,4 +59,26 @@ def test_a_failed_fill_publishes_nothing_and_leaves_nothing(tmp_path: Path, erro
     with pytest.raises(type(error)):
         write_whole(target, fill, force=False)
     assert not target.exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_private_files_are_0600_whatever_the_umask(tmp_path: Path) -> None:
+    target = tmp_path / "secret.bin"
+    old = os.umask(0o700)  # takes the owner's own bits away from a new file
+    try:
+        write_private(target, b"secret", force=False)
+    finally:
+        os.umask(old)
+    assert target.read_bytes() == b"secret"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+
+
+def test_a_key_file_is_never_replaced_unless_asked(tmp_path: Path) -> None:
+    first = keys.create_key(tmp_path)
+    other = replace(first, key=nacl.signing.SigningKey.generate())  # another key under its name
+    path = keys.key_path(tmp_path, first.kid)
+    with pytest.raises(NameTaken) as taken:
+        keys.write_key(tmp_path, other, replace=False)
+    assert taken.value.filename == str(path)
+    assert json.loads(path.read_text()) == keys.key_body(first)
     assert leftovers(tmp_path) == []
