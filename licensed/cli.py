@@ -40,7 +40,7 @@ from .config import Config
 from .errors import ConfigError, ImportRefused, LicensedError
 from .keys import KeyRing
 from .logs import setup_logging
-from .plans import load_catalog
+from .plans import Catalog, load_catalog
 from .server import init_data_dir, serve
 from .services import Services, build_services
 from .stripe_api import StripeGateway
@@ -435,10 +435,11 @@ def _stripe_gateway(config: Config) -> StripeGateway:
 
 
 def _cmd_reconcile(config: Config, args: argparse.Namespace, out: Callable[[str], None]) -> int:
-    gateway = _stripe_gateway(config)
     services = build_services(config)
     try:
-        reconciler = stripe_sync.Reconciler(services, gateway)
+        if services.stripe is None:
+            raise ConfigError("STRIPE_SECRET_KEY is not set")
+        reconciler = stripe_sync.Reconciler(services, services.stripe)
         now = services.now()
         report = (
             reconciler.full(now)
@@ -469,9 +470,8 @@ def _cmd_stripe(config: Config, args: argparse.Namespace, out: Callable[[str], N
     if args.stripe_command == "check":
         return _cmd_stripe_check(config, args, out)
     url = stripe_sync.webhook_url(config.app_base_url)
-    endpoint_id, secret, created = stripe_sync.setup_webhook_endpoint(
-        _stripe_gateway(config), config.app_base_url
-    )
+    gateway = _stripe_gateway(config)
+    endpoint_id, secret, created = stripe_sync.setup_webhook_endpoint(gateway, config.app_base_url)
     if created:
         out(f"created webhook endpoint {endpoint_id} for {url}")
         out(f"STRIPE_WEBHOOK_SECRET={secret}")
@@ -479,7 +479,8 @@ def _cmd_stripe(config: Config, args: argparse.Namespace, out: Callable[[str], N
     else:
         out(f"updated webhook endpoint {endpoint_id} for {url}; its signing secret is unchanged")
     out("")
-    failed = preflight.failures(_print_checks(config, out))
+    server = preflight.ServerClient(config.app_base_url, config.admin_token)
+    failed = preflight.failures(_print_checks(config, load_catalog(config.plans_path), gateway, server, out))
     if failed:
         out(f"{failed} {_checks(failed)} failed: fix {_them(failed)}, then run `licensed stripe check`")
     # The endpoint is set up: that succeeded, whatever remains to do (a new secret
@@ -495,13 +496,14 @@ def _them(count: int) -> str:
     return "it" if count == 1 else "them"
 
 
-def _print_checks(config: Config, out: Callable[[str], None]) -> list[preflight.Check]:
+def _print_checks(
+    config: Config,
+    catalog: Catalog,
+    gateway: StripeGateway | None,
+    server: preflight.ServerClient,
+    out: Callable[[str], None],
+) -> list[preflight.Check]:
     """Run every read-only check, printing one line each as it completes."""
-    gateway = (
-        StripeGateway(config.stripe_secret_key, config.stripe_api_base) if config.stripe_secret_key else None
-    )
-    server = preflight.ServerClient(config.app_base_url, config.admin_token)
-    catalog = load_catalog(config.plans_path)
     found = []
     for check in preflight.run(config, catalog, gateway, server):
         found.append(check)
@@ -510,6 +512,11 @@ def _print_checks(config: Config, out: Callable[[str], None]) -> list[preflight.
 
 
 def _cmd_stripe_check(config: Config, args: argparse.Namespace, out: Callable[[str], None]) -> int:
+    catalog = load_catalog(config.plans_path)
+    gateway = (
+        StripeGateway(config.stripe_secret_key, config.stripe_api_base) if config.stripe_secret_key else None
+    )
+    server = preflight.ServerClient(config.app_base_url, config.admin_token)
     plan = None
     if args.e2e:
         # Refused before anything is read or bought.
@@ -522,8 +529,8 @@ def _cmd_stripe_check(config: Config, args: argparse.Namespace, out: Callable[[s
             raise ConfigError(
                 "--e2e needs ADMIN_TOKEN: it finds the test license through the server's admin API"
             )
-        plan = trial_purchase.choose_plan(load_catalog(config.plans_path), args.plan)
-    found = _print_checks(config, out)
+        plan = trial_purchase.choose_plan(catalog, args.plan)
+    found = _print_checks(config, catalog, gateway, server, out)
     failed = preflight.failures(found)
     if failed:
         what = (
@@ -539,15 +546,15 @@ def _cmd_stripe_check(config: Config, args: argparse.Namespace, out: Callable[[s
         if warned
         else "all checks passed"
     )
-    if plan is None:
+    if plan is None or gateway is None:
         return 0
     email = args.email or (parse_mailbox(config.mail_from).addr_spec if config.mail_from else None)
     email = email or "licensed-e2e@example.com"
     out("")
     out(f"test purchase of {plan.id} ({plan.stripe_price}) by {email}, through {config.app_base_url}:")
     purchase = trial_purchase.TrialPurchase(
-        _stripe_gateway(config),
-        preflight.ServerClient(config.app_base_url, config.admin_token),
+        gateway,
+        server,
         plan,
         email,
         timeout=args.timeout,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,7 +28,6 @@ class Services:
     licensing: Licensing = field(init=False)
     oidc: OidcVerifier | None = field(init=False)
     """The identity-provider token verifier: one per server, so its key cache is shared."""
-    stripe: StripeGateway | None = field(init=False)
 
     def __post_init__(self) -> None:
         config = self.config
@@ -35,11 +35,14 @@ class Services:
             self.store, self.ring, self.catalog, config.app_base_url, config.lease_ttl_hours
         )
         self.oidc = OidcVerifier.from_config(config)
-        self.stripe = (
-            StripeGateway(config.stripe_secret_key, config.stripe_api_base)
-            if config.stripe_secret_key
-            else None
-        )
+
+    @functools.cached_property
+    def stripe(self) -> StripeGateway | None:
+        """The Stripe client, built on first use: the library takes a quarter of a second to
+        import, which commands that never call Stripe (``admin``, ``mail flush``) should not pay."""
+        if not self.config.stripe_secret_key:
+            return None
+        return StripeGateway(self.config.stripe_secret_key, self.config.stripe_api_base)
 
     def now(self) -> int:
         return int(self.clock())
