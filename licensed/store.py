@@ -1044,9 +1044,9 @@ class Store:
     def licenses_of_customers(self, customer_ids: Sequence[str]) -> list[License]:
         if not customer_ids:
             return []
-        marks = ", ".join("?" for _ in customer_ids)
         rows = self.all(
-            f"SELECT {LICENSE_SELECT} FROM licenses WHERE customer_id IN ({marks}) ORDER BY created_at, id",
+            f"SELECT {LICENSE_SELECT} FROM licenses WHERE customer_id IN ({_marks(customer_ids)})"
+            " ORDER BY created_at, id",
             list(customer_ids),
         )
         return [License.from_row(r) for r in rows]
