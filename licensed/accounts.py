@@ -33,13 +33,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import os
 import secrets
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import addresses, licensing, outbox
+from . import addresses, files, licensing, outbox
 from .errors import ConfigError, NotFound, SignInLinkRefused
 from .outbox import KIND_LICENSE_KEY_RESEND
 from .store import License, Store, new_id, private_file
@@ -79,7 +79,8 @@ def ensure_secret(data_dir: Path) -> list[str]:
 
 
 def load_secret(data_dir: Path) -> bytes:
-    """The server secret, created (0600, exclusively: two processes agree) when missing."""
+    """The server secret, created (0600) when missing. The file appears under its name whole
+    or not at all, and never replaces one that is there: two processes agree on the secret."""
     path = secret_path(data_dir).resolve()
     with _secrets_lock:
         cached = _secrets.get(path)
@@ -87,15 +88,9 @@ def load_secret(data_dir: Path) -> bytes:
             return cached
         try:
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
                 value = path.read_bytes()
-            else:
-                value = secrets.token_bytes(SECRET_BYTES)
-                with os.fdopen(fd, "wb") as out:
-                    out.write(value)
-                    out.flush()
-                    os.fsync(out.fileno())
+            except FileNotFoundError:
+                value = _create_secret(path)
             private_file(path)
         except OSError as err:
             raise ConfigError(f"cannot read or create {path}: {err.strerror or err}") from err
@@ -103,6 +98,16 @@ def load_secret(data_dir: Path) -> bytes:
             raise ConfigError(f"{path} is not a {SECRET_BYTES}-byte secret: delete it to make a new one")
         _secrets[path] = value
         return value
+
+
+def _create_secret(path: Path) -> bytes:
+    """Write a new secret to ``path``; the one there already when another process was first."""
+    value = secrets.token_bytes(SECRET_BYTES)
+    try:
+        files.write_private(path, value, force=False)
+    except files.NameTaken:
+        return path.read_bytes()
+    return value
 
 
 def _mac(secret: bytes, purpose: str, value: str) -> str:
@@ -252,12 +257,15 @@ def resend_key(store: Store, email: str, license_id: str, now: int) -> bool:
     return True
 
 
-def stripe_customers(store: Store, email: str) -> list[str]:
-    """The customer ids behind the address's licences that Stripe knows (billing portal)."""
+def stripe_customers(store: Store, licenses: Iterable[License]) -> list[str]:
+    """The customer ids behind these licences (an address's, :func:`licenses_of`) that Stripe
+    knows, in the licences' order, each once (billing portal)."""
     found: list[str] = []
-    for lic in licenses_of(store, email):
-        if lic.customer_id in found:
+    seen: set[str] = set()
+    for lic in licenses:
+        if lic.customer_id in seen:
             continue
+        seen.add(lic.customer_id)
         row = store.get_customer(lic.customer_id)
         if row is not None and row["stripe_customer_id"]:
             found.append(lic.customer_id)

@@ -463,14 +463,12 @@ def _license_message(services: Services, row: sqlite3.Row, recipient: Address) -
     lic = store.get_license(row["license_id"]) if row["license_id"] else None
     if lic is None:
         raise MailUndeliverable("the license of this message no longer exists")
-    catalog = services.catalog
-    product = catalog.products.get(lic.product)
-    plan = catalog.plans.get(lic.plan)
+    product_name, plan_name = services.catalog.display_names(lic.product, lic.plan)
     values, html_raw = template_values(
         lic,
         services.licensing.key(lic),
-        product_name=product.name if product else lic.product,
-        plan_name=plan.name if plan else lic.plan,
+        product_name=product_name,
+        plan_name=plan_name,
         to_name=recipient.display_name or None,
         app_base_url=services.config.app_base_url,
         website_url=services.config.website_url,

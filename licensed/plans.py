@@ -149,6 +149,13 @@ class Catalog:
                 return plan
         return None
 
+    def display_names(self, product_id: str, plan_id: str) -> tuple[str, str]:
+        """The names a person reads for a product and a plan: each one's name in the
+        catalogue, else its id (a plan or product since removed from the file)."""
+        product = self.products.get(product_id)
+        plan = self.plans.get(plan_id)
+        return (product.name if product else product_id, plan.name if plan else plan_id)
+
     def product_for_key(self, key: str) -> Product | None:
         """The product whose exact ``PREFIX-`` starts ``key`` (longest prefix wins)."""
         best: Product | None = None

@@ -60,15 +60,7 @@ class Request:
     @property
     def query(self) -> dict[str, str]:
         """Query-string parameters; of a repeated name the first value counts."""
-        pairs = parse_qsl(str(self.environ.get("QUERY_STRING") or ""), keep_blank_values=True)
-        params: dict[str, str] = {}
-        for name, value in pairs:
-            params.setdefault(name, value)
-        return params
-
-    @property
-    def remote_addr(self) -> str:
-        return str(self.environ.get("REMOTE_ADDR") or "")
+        return first_values(str(self.environ.get("QUERY_STRING") or ""))
 
     def body(self) -> bytes:
         """The raw body, at most ``max_body`` bytes (else 413)."""
@@ -86,10 +78,23 @@ class Request:
         return self._body
 
     def json(self) -> Any:
-        media = self.environ.get("CONTENT_TYPE")
-        if media != "application/json" and (media or "").split(";")[0].strip().lower() != "application/json":
+        if media_type(self.environ.get("CONTENT_TYPE")) != "application/json":
             raise UnsupportedMediaType()
         return parse_json(self.body())
+
+
+def first_values(encoded: str) -> dict[str, str]:
+    """The fields of a query string or urlencoded form, blanks kept; of a repeated name the
+    first value counts."""
+    fields: dict[str, str] = {}
+    for name, value in parse_qsl(encoded, keep_blank_values=True):
+        fields.setdefault(name, value)
+    return fields
+
+
+def media_type(content_type: str | None) -> str:
+    """A ``Content-Type``'s media type, lower-cased, without its parameters (``""`` if none)."""
+    return (content_type or "").split(";")[0].strip().lower()
 
 
 @dataclass

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,9 @@ from support.pages import Customer, csrf_of, machine_ids, paid_checkout, sign_in
 from support.smtp_sink import SmtpSink
 from support.stripe_double import StripeDouble, stripe_double
 
-from licensed import accounts, licensing, logs, mailer, redact
+from licensed import accounts, files, licensing, logs, mailer, redact
 from licensed.config import Config
+from licensed.errors import ConfigError
 from licensed.store import open_store
 
 MAIL_FROM = "Licenses <licenses@shop.example>"
@@ -164,6 +166,7 @@ def test_a_link_expires_thirty_minutes_after_its_mail_was_sent(live: Live, sink:
     live.clock.advance(accounts.LINK_VALID_SECONDS + 1)
     late = who.follow(link)
     assert late.status_code == 400 and "has expired" in late.text and 'name="email"' in late.text
+    assert f"links work for {accounts.LINK_VALID_SECONDS // 60} minutes" in late.text
     assert "Set-Cookie" not in late.headers
 
 
@@ -508,6 +511,42 @@ def test_the_secret_survives_a_restart_and_is_made_once(live: Live, sink: SmtpSi
     first = accounts.load_secret(data_dir)
     assert (data_dir / accounts.SECRET_FILE).read_bytes() == first and len(first) == 32
     assert accounts.ensure_secret(data_dir) == []
+
+
+def test_a_secret_written_first_by_another_process_is_the_one_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    theirs = bytes(range(accounts.SECRET_BYTES))
+    write_whole = files.write_whole
+
+    def another_process_first(target: Path, fill: Callable[[Path], None], *, force: bool) -> None:
+        target.write_bytes(theirs)
+        write_whole(target, fill, force=force)
+
+    monkeypatch.setattr(files, "write_whole", another_process_first)
+    assert accounts.load_secret(tmp_path) == theirs
+    assert (tmp_path / accounts.SECRET_FILE).read_bytes() == theirs
+    assert [p.name for p in tmp_path.iterdir()] == [accounts.SECRET_FILE]
+
+
+def test_a_secret_that_fails_half_way_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def disk_full(path: Path) -> None:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(files, "fsync_path", disk_full)
+        with pytest.raises(ConfigError, match="No space left"):
+            accounts.load_secret(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / f".{accounts.SECRET_FILE}.0000.tmp").write_bytes(b"")  # a crash's leftover
+    umask = os.umask(0o277)
+    try:
+        made = accounts.load_secret(tmp_path)
+    finally:
+        os.umask(umask)
+    assert len(made) == accounts.SECRET_BYTES and accounts.load_secret(tmp_path) == made
+    secret_file = tmp_path / accounts.SECRET_FILE
+    assert secret_file.read_bytes() == made and secret_file.stat().st_mode & 0o777 == 0o600
 
 
 def test_the_migration_adds_the_tables_to_an_existing_database(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ gets a 403 page. After a change the browser is sent back to ``/account``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from .. import accounts, checkout, licensing
@@ -54,6 +55,7 @@ def routes(services: Services) -> list[Route]:
     # __Host-: only this exact origin can set it (not a sibling subdomain), which needs Secure.
     cookie_name = "__Host-licensed_session" if secure else "licensed_session"
     account_url = f"{config.app_base_url}/account"
+    valid_minutes = accounts.LINK_VALID_SECONDS // 60
 
     def secret() -> bytes:
         return accounts.load_secret(config.data_dir)
@@ -77,28 +79,35 @@ def routes(services: Services) -> list[Route]:
         context.setdefault("notice", None)
         context.setdefault("error", None)
         context.setdefault("link_problem", None)
-        return page(services, "signin.html", status=status, **context)
+        return page(services, "signin.html", status=status, valid_minutes=valid_minutes, **context)
 
-    def guarded(request: Request) -> tuple[accounts.Session, dict[str, str]] | Response:
-        """The session and form of a signed-in page's POST, or the 403 page that refuses it."""
+    def refuse_signed_out() -> Response:
+        return signed_out(403, notice="You are signed out, so nothing was changed. Sign in again.")
+
+    def guarded(
+        request: Request, if_signed_out: Callable[[], Response] = refuse_signed_out
+    ) -> tuple[accounts.Session, dict[str, str]] | Response:
+        """The session and form of a signed-in page's POST, or the page that refuses it: without
+        a session ``if_signed_out()`` (by default the 403 sign-in page), without the session's
+        CSRF token the 403 refused page."""
         form = read_form(request)
         session = current(request)
         if session is None:
-            return signed_out(403, notice="You are signed out, so nothing was changed. Sign in again.")
+            return if_signed_out()
         if not session.csrf_ok(form.get("csrf")):
             return page(services, "refused.html", status=403)
         return session, form
 
     def license_card(lic: License, now: int) -> dict[str, Any]:
-        plan = services.catalog.plans.get(lic.plan)
-        product = services.catalog.products.get(lic.product)
-        tone, label = STATUS[licensing.entitlement(lic, now)]
+        product_name, plan_name = services.catalog.display_names(lic.product, lic.plan)
+        state = licensing.entitlement(lic, now)
+        tone, label = STATUS[state]
         return {
             "id": lic.id,
             "key": services.licensing.key(lic),
-            "plan_name": plan.name if plan else lic.plan,
-            "product_name": product.name if product else lic.product,
-            "state": licensing.entitlement(lic, now),
+            "plan_name": plan_name,
+            "product_name": product_name,
+            "state": state,
             "status_label": label,
             "tone": tone,
             "lifetime": lic.lifetime,
@@ -124,7 +133,7 @@ def routes(services: Services) -> list[Route]:
             email=session.email,
             csrf=session.csrf,
             licenses=[license_card(lic, now) for lic in licenses],
-            billing=services.stripe is not None and bool(accounts.stripe_customers(store, session.email)),
+            billing=services.stripe is not None and bool(accounts.stripe_customers(store, licenses)),
             notice=notice,
         )
 
@@ -144,7 +153,7 @@ def routes(services: Services) -> list[Route]:
             services,
             "check_mail.html",
             email=email,
-            valid_minutes=accounts.LINK_VALID_SECONDS // 60,
+            valid_minutes=valid_minutes,
             per_hour=accounts.LINKS_PER_HOUR,
         )
 
@@ -184,20 +193,21 @@ def routes(services: Services) -> list[Route]:
         if isinstance(checked, Response):
             return checked
         session, _ = checked
-        customers = accounts.stripe_customers(store, session.email)
+        customers = accounts.stripe_customers(store, accounts.licenses_of(store, session.email))
         if not customers:
             return redirect("/account?done=no-billing")
         return redirect(checkout.portal_url(services, customers, return_url=account_url))
 
     def sign_out(request: Request) -> Response:
-        checked = guarded(request)
+        def cleared() -> Response:
+            return redirect("/account", [set_cookie("", 0)])
+
+        checked = guarded(request, if_signed_out=cleared)
         if isinstance(checked, Response):
-            if current(request) is None:
-                return redirect("/account", [set_cookie("", 0)])
             return checked
         session, _ = checked
         accounts.end_session(store, session.id_hash)
-        return redirect("/account", [set_cookie("", 0)])
+        return cleared()
 
     def route(method: str, path: str, handler: Any, summary: str) -> Route:
         return Route(method, path, handler, summary, tag="pages", media_type="text/html", api=False)

@@ -22,13 +22,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 import jinja2
 
 from ..errors import LicensedError, NotFound
 from ..services import Services
-from ..web import Request, Response, Route
+from ..web import Request, Response, Route, first_values, media_type
 
 HTML_TYPE = "text/html; charset=utf-8"
 PAGE_PREFIXES = ("/account/", "/checkout/")
@@ -202,13 +202,9 @@ def error_page(services: Services, err: LicensedError) -> Response:
 def read_form(request: Request) -> dict[str, str]:
     """An HTML form's fields (``application/x-www-form-urlencoded``; of a repeated name the
     first counts); anything else reads as an empty form."""
-    media = (request.header("Content-Type") or "").split(";")[0].strip().lower()
-    if media != "application/x-www-form-urlencoded":
+    if media_type(request.header("Content-Type")) != "application/x-www-form-urlencoded":
         return {}
-    fields: dict[str, str] = {}
-    for name, value in parse_qsl(request.body().decode("utf-8", "replace"), keep_blank_values=True):
-        fields.setdefault(name, value)
-    return fields
+    return first_values(request.body().decode("utf-8", "replace"))
 
 
 def routes(services: Services) -> list[Route]:

@@ -33,16 +33,15 @@ def routes(services: Services) -> list[Route]:
                 again=f"?session_id={session_id}",
             )
         view = result["license"]
-        plan = catalog.plans.get(view["plan"])
-        product = catalog.products.get(view["product"])
+        product_name, plan_name = catalog.display_names(view["product"], view["plan"])
         return page(
             services,
             "success.html",
             state="shown" if "key" in view else "hidden",
             license=view,
             key=view.get("key"),
-            plan_name=plan.name if plan else view["plan"],
-            product_name=product.name if product else view["product"],
+            plan_name=plan_name,
+            product_name=product_name,
         )
 
     def cancel(request: Request) -> Response:
