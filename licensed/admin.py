@@ -18,9 +18,9 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import addresses, identities, keys, licensing, stripe_sync
+from . import addresses, identities, keys, licensing, outbox, stripe_sync
 from .errors import Conflict, InvalidToken, NotFound, ValidationFailed, WebhookFailed
-from .plans import Plan
+from .plans import MAX_MACHINES, Plan
 from .services import Services
 from .store import License, Store
 
@@ -159,14 +159,21 @@ def find(services: Services, actor: str, now: int, **criteria: str | None) -> di
         found = store.licenses_where("stripe_checkout_session_id", value)
     if not found and guessed and field != "key":
         # A key sold before licensed may be any text, even shaped like an e-mail or an id.
-        imported = store.imported_key_license(keys.imported_key_hash(value))
+        imported = _by_imported_key(store, value)
         if imported is not None:
-            field, found = "key", _present(store.get_license(imported))
+            field, found = "key", imported
     return {"by": field, "count": len(found), "licenses": [license_record(store, x, now) for x in found]}
 
 
 def _present(lic: License | None) -> list[License]:
     return [lic] if lic is not None else []
+
+
+def _by_imported_key(store: Store, value: str) -> list[License] | None:
+    """The licence of a key imported from the system used before, found by its SHA-256
+    (None: no imported key is that string)."""
+    license_id = store.imported_key_license(keys.imported_key_hash(value))
+    return None if license_id is None else _present(store.get_license(license_id))
 
 
 def _by_key(services: Services, value: str) -> list[License]:
@@ -175,10 +182,10 @@ def _by_key(services: Services, value: str) -> list[License]:
     try:
         parsed = keys.parse_license_key(value, services.catalog, services.ring)
     except InvalidToken:
-        imported = services.store.imported_key_license(keys.imported_key_hash(value))
+        imported = _by_imported_key(services.store, value)
         if imported is None:
             raise
-        return _present(services.store.get_license(imported))
+        return imported
     return _present(services.store.get_license(parsed.claims["sub"]))
 
 
@@ -372,7 +379,7 @@ def _issue(
 ) -> tuple[License, int | None]:
     email = addresses.check_address(email)
     _check_range(days, "days", 1, MAX_DAYS)
-    _check_range(max_machines, "max_machines", 1, 10_000)
+    _check_range(max_machines, "max_machines", 1, MAX_MACHINES)
     until = None if expires_at is None else parse_time(expires_at, "expires_at")
     if until is not None and until <= now:
         raise ValidationFailed("expires_at must be in the future")
@@ -391,7 +398,9 @@ def _issue(
             max_machines=max_machines,
             source=source,
         )
-        mail_id = store.enqueue_mail(lic.id, "license_key", email, None, now) if send_email else None
+        mail_id = None
+        if send_email:
+            mail_id = outbox.queue_mail(store, lic.id, outbox.KIND_LICENSE_KEY, email, None, now)
     return lic, mail_id
 
 
@@ -566,7 +575,9 @@ def resend(services: Services, actor: str, now: int, license_id: str) -> dict[st
         customer = store.get_customer(lic.customer_id)
         if customer is None or not customer["email"]:
             raise Conflict(f"license {lic.id} has no e-mail address on file", code="NO_EMAIL")
-        mail_id = store.enqueue_mail(lic.id, "license_key", customer["email"], customer["name"], now)
+        mail_id = outbox.queue_mail(
+            store, lic.id, outbox.KIND_LICENSE_KEY, customer["email"], customer["name"], now
+        )
         return {"mail": {"id": mail_id, "to": customer["email"]}}
 
     return _change(services, actor, now, license_id, "license.resend", mutate)

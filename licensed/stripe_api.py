@@ -183,10 +183,6 @@ def subscription_period(sub: dict[str, Any]) -> tuple[int | None, int | None]:
     return (min(starts) if starts else None), (max(ends) if ends else None)
 
 
-def subscription_period_end(sub: dict[str, Any]) -> int | None:
-    return subscription_period(sub)[1]
-
-
 def subscription_price(sub: dict[str, Any]) -> dict[str, Any]:
     """The first item's price (or legacy plan) object, or ``{"id": …}``."""
     items = (sub.get("items") or {}).get("data") or []

@@ -59,33 +59,12 @@ from .stripe_api import (
 
 log = logging.getLogger("licensed.stripe")
 
-ALIVE = frozenset({"active", "trialing", "past_due"})
 TERMINAL = frozenset({"canceled", "incomplete_expired"})
 """Subscription states Stripe never leaves: final here too."""
 NOT_STARTED = frozenset({"incomplete", "incomplete_expired"})
 """Subscription states whose first payment was never made."""
 
 DISPUTE_CLOSED = frozenset({"won", "lost", "warning_closed", "charge_refunded", "prevented"})
-
-HANDLED_EVENTS = (
-    "checkout.session.completed",
-    "checkout.session.async_payment_succeeded",
-    "customer.subscription.created",
-    "customer.subscription.updated",
-    "customer.subscription.deleted",
-    "customer.subscription.paused",
-    "customer.subscription.resumed",
-    "customer.updated",
-    "invoice.paid",
-    "invoice.payment_succeeded",
-    "invoice.payment_failed",
-    "charge.refunded",
-    "refund.created",
-    "refund.updated",
-    "charge.dispute.created",
-    "charge.dispute.updated",
-    "charge.dispute.closed",
-)
 
 
 def _version(event: dict[str, Any]) -> str:
@@ -181,6 +160,9 @@ class Prepared:
     """The prices looked at for a plan (named when none maps)."""
     refund_full: bool | None = None
     """For a refund: whether the payment is now refunded in full (None: unknown)."""
+    charge: dict[str, Any] | None = None
+    """For a refund or dispute: the charge paid, the event's own or read from Stripe once
+    (``{}``: Stripe has no such charge; None: not read)."""
 
 
 class EventProcessor:
@@ -206,15 +188,16 @@ class EventProcessor:
         event_id = event["id"]
         if self._done(event_id):
             return Outcome(Effect.DUPLICATE)
-        handler = self._handlers().get(event["type"])
+        handler = HANDLERS.get(event["type"])
         try:
             prepared = self._prepare(event) if handler else Prepared()
             with self.store.atomic():
                 if self._done(event_id):
                     return Outcome(Effect.DUPLICATE)
-                outcome = (
-                    _ignored(Reason.UNHANDLED_TYPE) if handler is None else handler(event, prepared, now)
-                )
+                if handler is None:
+                    outcome = _ignored(Reason.UNHANDLED_TYPE)
+                else:
+                    outcome = handler(self, event, prepared, now)
                 self._record(event, outcome, None, now)
         except Exception as err:
             message = err.message if isinstance(err, LicensedError) else f"{type(err).__name__}: {err}"
@@ -282,27 +265,6 @@ class EventProcessor:
             now=now,
         )
 
-    def _handlers(self) -> dict[str, Callable[[dict[str, Any], Prepared, int], Outcome]]:
-        return {
-            "checkout.session.completed": self._checkout_completed,
-            "checkout.session.async_payment_succeeded": self._checkout_completed,
-            "customer.subscription.created": self._subscription_snapshot,
-            "customer.subscription.updated": self._subscription_snapshot,
-            "customer.subscription.deleted": self._subscription_snapshot,
-            "customer.subscription.paused": self._subscription_snapshot,
-            "customer.subscription.resumed": self._subscription_snapshot,
-            "customer.updated": self._customer_updated,
-            "invoice.paid": self._invoice_paid,
-            "invoice.payment_succeeded": self._invoice_paid,
-            "invoice.payment_failed": self._invoice_failed,
-            "charge.refunded": self._refunded,
-            "refund.created": self._refunded,
-            "refund.updated": self._refunded,
-            "charge.dispute.created": self._dispute,
-            "charge.dispute.updated": self._dispute,
-            "charge.dispute.closed": self._dispute,
-        }
-
     # --- preparation (may call Stripe; no transaction open) ---
 
     def _need_gateway(self, why: str) -> StripeGateway:
@@ -335,21 +297,32 @@ class EventProcessor:
                 prepared.subscription = sub
                 prepared.plan = self._plan_for_subscription(sub, prepared)
                 prepared.customer = self._customer(sub.get("customer"))
-        elif kind == "charge.refunded" or kind.startswith("charge.dispute."):
-            charge_id = obj["id"] if kind == "charge.refunded" else id_of(obj.get("charge"))
+        elif kind == "charge.refunded":
+            prepared.charge = obj  # the event's object is the charge: it is not read again
             payment_intent = id_of(obj.get("payment_intent"))
-            prepared.license_id = self._license_for_payment(charge_id, payment_intent, obj)
-            if kind == "charge.refunded":
-                prepared.refund_full = _charge_refunded_in_full(obj)
+            prepared.license_id = self._license_for_payment(obj["id"], payment_intent, obj, prepared)
+            prepared.refund_full = _charge_refunded_in_full(obj)
+        elif kind.startswith("charge.dispute."):
+            charge_id, payment_intent = id_of(obj.get("charge")), id_of(obj.get("payment_intent"))
+            prepared.license_id = self._license_for_payment(charge_id, payment_intent, obj, prepared)
         elif kind.startswith("refund."):
             charge_id, payment_intent = id_of(obj.get("charge")), id_of(obj.get("payment_intent"))
-            prepared.license_id = self._license_for_payment(charge_id, payment_intent, {})
+            prepared.license_id = self._license_for_payment(charge_id, payment_intent, {}, prepared)
             if prepared.license_id is not None and obj.get("status") == "succeeded":
-                prepared.refund_full = self._refund_is_full(obj, charge_id, payment_intent)
+                prepared.refund_full = self._refund_is_full(obj, charge_id, payment_intent, prepared)
         return prepared
 
+    def _charge(self, charge_id: str, prepared: Prepared) -> dict[str, Any]:
+        """The charge paid, read from Stripe at most once per event (``{}`` when Stripe has none)."""
+        if prepared.charge is None:
+            try:
+                prepared.charge = self._need_gateway("read the charge").get(f"/v1/charges/{charge_id}")
+            except NotFound:
+                prepared.charge = {}
+        return prepared.charge
+
     def _refund_is_full(
-        self, refund: dict[str, Any], charge_id: str | None, payment_intent: str | None
+        self, refund: dict[str, Any], charge_id: str | None, payment_intent: str | None, prepared: Prepared
     ) -> bool | None:
         """Whether the payment a refund belongs to is now refunded in full.
 
@@ -357,10 +330,9 @@ class EventProcessor:
         recorded when the payment arrived is compared with the refund's.
         """
         if charge_id and self.gateway is not None:
-            try:
-                return _charge_refunded_in_full(self.gateway.get(f"/v1/charges/{charge_id}"))
-            except NotFound:
-                pass
+            charge = self._charge(charge_id, prepared)
+            if charge:
+                return _charge_refunded_in_full(charge)
         refunded = amount(refund.get("amount"))
         for ref in (charge_id, payment_intent):
             if ref and refunded is not None:
@@ -432,7 +404,7 @@ class EventProcessor:
         return None
 
     def _license_for_payment(
-        self, charge_id: str | None, payment_intent: str | None, obj: dict[str, Any]
+        self, charge_id: str | None, payment_intent: str | None, obj: dict[str, Any], prepared: Prepared
     ) -> str | None:
         for ref in (charge_id, payment_intent):
             if ref:
@@ -449,10 +421,7 @@ class EventProcessor:
                 return lic.id
         invoice_id = id_of(obj.get("invoice"))
         if invoice_id is None and charge_id and self.gateway is not None:
-            try:
-                charge = self.gateway.get(f"/v1/charges/{charge_id}")
-            except NotFound:
-                charge = {}
+            charge = self._charge(charge_id, prepared)
             invoice_id = id_of(charge.get("invoice"))
             payment_intent = payment_intent or id_of(charge.get("payment_intent"))
         if invoice_id is None and payment_intent and self.gateway is not None:
@@ -506,17 +475,10 @@ class EventProcessor:
         customer = self.store.get_customer(lic.customer_id)
         if customer is None or not customer["email"]:
             return
-        name = customer["name"]
         try:
-            name = addresses.check_display_name(name)
-        except InvalidEmail as err:
-            # A name Stripe holds that no header may carry: the key still goes, without it.
-            log.warning(
-                "buyer's name left out of the key mail", extra={"license_id": lic.id, "error": err.message}
+            outbox.queue_mail(
+                self.store, lic.id, outbox.KIND_LICENSE_KEY, customer["email"], customer["name"], now
             )
-            name = None
-        try:
-            outbox.queue_mail(self.store, lic.id, outbox.KIND_LICENSE_KEY, customer["email"], name, now)
         except InvalidEmail as err:
             log.warning("license key not mailed", extra={"license_id": lic.id, "error": err.message})
 
@@ -620,7 +582,7 @@ class EventProcessor:
         if lic is None:
             if plan is None:
                 return _ignored(Reason.NO_PLAN, ", ".join(prepared.prices) or sub["id"])
-            if sub.get("status") in ("incomplete", "incomplete_expired"):
+            if sub.get("status") in NOT_STARTED:
                 return _ignored(Reason.SUBSCRIPTION_NOT_PAID, sub["id"])
             customer = prepared.customer or (
                 {"id": id_of(sub.get("customer"))} if sub.get("customer") else None
@@ -630,22 +592,14 @@ class EventProcessor:
             lic = self._new_license(plan, customer, email, name, now)
             lic.stripe_subscription_id = sub["id"]
             lic.stripe_customer_id = id_of(sub.get("customer"))
-            self._apply_snapshot(lic, sub, plan, event, now, created=True)
-            if repair:
-                self._paid_by_latest_invoice(lic, sub)
+            self._apply_snapshot(lic, sub, plan, event, now, created=True, repair=repair)
             self.store.insert_license(lic)
             self.store.audit(now, "stripe", "license.create", lic.id, None, licensing.license_view(lic, 0))
             self._mail_key_once(lic, now)
             return Outcome(Effect.CHANGED, lic.id)
         before = licensing.license_view(lic, 0)
-        state_before = _money_state(lic)
         versions_before = (lic.snapshot_version, lic.status_version)
-        claims_before = licensing.key_claims(lic, "")
-        changed = self._apply_snapshot(lic, sub, plan, event, now, created=False)
-        if repair:
-            self._paid_by_latest_invoice(lic, sub)
-            changed = self._restamp_if_changed(lic, claims_before, now) or changed
-            changed = changed or state_before != _money_state(lic)
+        changed = self._apply_snapshot(lic, sub, plan, event, now, created=False, repair=repair)
         if not changed:
             if versions_before != (lic.snapshot_version, lic.status_version):
                 # Same state, newer event: remember its version, or an older event could win later.
@@ -665,10 +619,12 @@ class EventProcessor:
         now: int,
         *,
         created: bool,
+        repair: bool = False,
     ) -> bool:
         """Merge a subscription snapshot into the licence; True if anything changed.
 
-        Never moves ``paid_through`` forward, except to a trial's end.
+        Never moves ``paid_through`` forward, except to a trial's end, or (``repair``)
+        as the subscription's latest invoice says (:meth:`_paid_by_latest_invoice`).
         """
         version = _version(event)
         claims_before = licensing.key_claims(lic, "")
@@ -694,6 +650,8 @@ class EventProcessor:
             self._extend(lic, trial_end)  # a trial is a period the vendor gives
         if status in TERMINAL:
             self._end(lic, int(sub.get("ended_at") or sub.get("canceled_at") or event["created"]))
+        if repair:
+            self._paid_by_latest_invoice(lic, sub)
         if created:
             return True
         claims_changed = self._restamp_if_changed(lic, claims_before, now)
@@ -890,6 +848,32 @@ class EventProcessor:
                 lic.status, lic.status_reason = "suspended", "dispute"
         elif lic.status == "suspended" and lic.status_reason == "dispute":
             lic.status, lic.status_reason = "active", None
+
+
+Handler = Callable[[EventProcessor, dict[str, Any], Prepared, int], Outcome]
+
+HANDLERS: dict[str, Handler] = {
+    "checkout.session.completed": EventProcessor._checkout_completed,
+    "checkout.session.async_payment_succeeded": EventProcessor._checkout_completed,
+    "customer.subscription.created": EventProcessor._subscription_snapshot,
+    "customer.subscription.updated": EventProcessor._subscription_snapshot,
+    "customer.subscription.deleted": EventProcessor._subscription_snapshot,
+    "customer.subscription.paused": EventProcessor._subscription_snapshot,
+    "customer.subscription.resumed": EventProcessor._subscription_snapshot,
+    "customer.updated": EventProcessor._customer_updated,
+    "invoice.paid": EventProcessor._invoice_paid,
+    "invoice.payment_succeeded": EventProcessor._invoice_paid,
+    "invoice.payment_failed": EventProcessor._invoice_failed,
+    "charge.refunded": EventProcessor._refunded,
+    "refund.created": EventProcessor._refunded,
+    "refund.updated": EventProcessor._refunded,
+    "charge.dispute.created": EventProcessor._dispute,
+    "charge.dispute.updated": EventProcessor._dispute,
+    "charge.dispute.closed": EventProcessor._dispute,
+}
+"""Each event type licensed acts on, and the method that applies it; any other type is ignored."""
+HANDLED_EVENTS = tuple(HANDLERS)
+"""The event types the webhook endpoint must send (endpoint setup and ``stripe check`` use it)."""
 
 
 def _money_state(lic: License) -> tuple[Any, ...]:

@@ -27,7 +27,7 @@ from . import licensing
 from .errors import ConfigError, LicensedError, NotFound, PurchaseCheckFailed, StripeUnavailable
 from .plans import Catalog, Plan
 from .preflight import Answer, ServerClient
-from .stripe_api import StripeGateway, id_of, invoice_payment_ids
+from .stripe_api import StripeGateway, invoice_payment_ids
 from .stripe_sync import HANDLED_EVENTS
 
 TEST_CARD = "pm_card_visa"
@@ -62,6 +62,13 @@ def choose_plan(catalog: Catalog, plan_id: str | None) -> Plan:
         if plan.stripe_price and plan.mode == "subscription":
             return plan
     raise ConfigError("--e2e buys a subscription, and no plan is a subscription plan with a stripe_price")
+
+
+def _charge_and_intent(refs: list[str]) -> tuple[str | None, str | None]:
+    """The first charge id and the first payment intent id among a payment's ids."""
+    charge = next((ref for ref in refs if ref.startswith("ch_")), None)
+    intent = next((ref for ref in refs if ref.startswith("pi_")), None)
+    return charge, intent
 
 
 class TrialPurchase:
@@ -285,18 +292,11 @@ class TrialPurchase:
 
     def _payment(self) -> tuple[str | None, str | None]:
         """The charge (or payment intent) that paid the first invoice, in either API shape."""
-        charge = intent = None
-        for ref in invoice_payment_ids(self.invoice):
-            if ref.startswith("ch_"):
-                charge = charge or ref
-            elif ref.startswith("pi_"):
-                intent = intent or ref
+        charge, intent = _charge_and_intent(invoice_payment_ids(self.invoice))
         if charge is None and intent is None and self.invoice.get("id"):
+            # The invoice came without its payments: list them (the same objects).
             payments = self.gateway.get("/v1/invoice_payments", invoice=self.invoice["id"])
-            for item in payments.get("data") or []:
-                inner = item.get("payment") or {}
-                charge = charge or id_of(inner.get("charge"))
-                intent = intent or id_of(inner.get("payment_intent"))
+            charge, intent = _charge_and_intent(invoice_payment_ids({"payments": payments}))
         if charge is None and intent is None:
             raise PurchaseCheckFailed(f"no payment found on invoice {self.invoice.get('id')} to refund")
         return charge, intent

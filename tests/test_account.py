@@ -11,13 +11,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from support import stripe_events as se
 from support.clock import DAY, T0
 from support.live import Live
-from support.pages import Customer, csrf_of, machine_ids, paid_checkout, sign_in_links
+from support.pages import Customer, csrf_of, deliver, machine_ids, paid_checkout, sign_in_links
 from support.smtp_sink import SmtpSink
 from support.stripe_double import StripeDouble, stripe_double
 
-from licensed import accounts, files, licensing, logs, mailer, redact
+from licensed import accounts, admin, files, licensing, logs, mailer, redact
 from licensed.config import Config
 from licensed.errors import ConfigError
 from licensed.store import open_store
@@ -587,3 +588,40 @@ def test_page_errors_are_pages(live: Live, sink: SmtpSink) -> None:
     assert wrong.status_code == 405 and "<h1>" in wrong.text
     assert who.get("/account/nothing-here").status_code == 404
     assert live.get("/api/nothing-here").json()["error"]["code"] == "NOT_FOUND"
+
+
+def test_a_name_no_header_may_carry_is_left_out_of_key_mail_sent_again(live: Live, sink: SmtpSink) -> None:
+    """A buyer's name as Stripe holds it, hiding CR LF in an encoded word: the key mail still goes
+    to the address on file, without the name, when the admin sends it again and when the customer
+    asks for it ("Mail me this key")."""
+    name = "=?utf-8?q?Ada=0D=0ABcc:_eve@evil.example?="
+    session = se.checkout_session(
+        session_id=se.uid("cs_test"),
+        mode="payment",
+        email="ada@example.com",
+        payment_intent=se.uid("pi"),
+        plan="pro-year",
+    )
+    session["customer_details"]["name"] = name
+    paid = deliver(live, se.event("checkout.session.completed", session, int(live.clock())))
+    assert paid.status_code == 200, paid.text
+    [lic] = licensing_of(live, "ada@example.com")
+    store = live.services.store
+    assert store.get_customer(lic.customer_id)["name"] == name
+    admin.resend(live.services, "test", live.services.now(), lic.id)
+    ada = customer(live, sink)
+    csrf = csrf_of(ada.sign_in("ada@example.com"))
+    answer = ada.post("/account/resend", {"csrf": csrf, "license": lic.id})
+    assert answer.headers["Location"] == "/account?done=resent"
+    ada.send_mail()
+    rows = [(r["kind"], r["to_addr"], r["to_name"], r["status"]) for r in store.mail_for_license(lic.id)]
+    assert rows == [
+        ("license_key", "ada@example.com", None, "sent"),  # the purchase's
+        ("license_key", "ada@example.com", None, "sent"),  # the admin's resend
+        ("license_key_resend", "ada@example.com", None, "sent"),
+    ]
+    keys = [r for r in sink.received if str(r.message["Subject"]) != "Your sign-in link"]
+    assert len(keys) == 3
+    for received in keys:
+        assert received.rcpt_tos == ["ada@example.com"] and str(received.message["To"]) == "ada@example.com"
+        assert b"evil.example" not in received.raw

@@ -248,6 +248,22 @@ def test_queue_mail_checks_recipient_and_kind(services: Services) -> None:
     assert [r["kind"] for r in store.mail_for_license(license_id)] == ["license_key_resend"]
 
 
+@pytest.mark.parametrize(
+    "name", ["Jane\r\nBcc: victim@example.org", "=?utf-8?q?Jane=0D=0ABcc:_v@example.org?="]
+)
+def test_queue_mail_leaves_out_a_name_no_header_may_carry(
+    services: Services, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The mail goes to the address without the name, and a warning says so."""
+    license_id = _issue(services, "buyer@example.com", send_email=False)
+    store = services.store
+    with store.atomic():
+        outbox.queue_mail(store, license_id, outbox.KIND_LICENSE_KEY, "buyer@example.com", name, T0)
+    rows = [(r["kind"], r["to_addr"], r["to_name"]) for r in store.mail_for_license(license_id)]
+    assert rows == [("license_key", "buyer@example.com", None)]
+    assert [r.getMessage() for r in caplog.records] == ["recipient's name left out of the mail"]
+
+
 # --- templates ------------------------------------------------------------------------------------
 
 

@@ -336,6 +336,43 @@ def test_a_partial_or_pending_refund_keeps_the_license(
     assert live.post("/api/license/validate", {"key": key}).json()["code"] == "VALID"
 
 
+@pytest.mark.parametrize("kind", ["refund.created", "charge.refunded"])
+def test_a_refund_traced_through_stripe_reads_its_charge_at_most_once(
+    live: Live, double: StripeDouble, kind: str
+) -> None:
+    """A refund of a payment this server never saw is traced to its licence through Stripe. A
+    refund object's charge is read once, for the licence and for the amount refunded alike; a
+    ``charge.refunded`` event carries the charge itself, which is not read again."""
+    s, key = _paid(live, f"traced{kind[:6]}")
+    charge = se.charge(charge_id=f"ch_{s.name}", payment_intent=None, refunded_amount=2000)
+    invoice = {**se.invoice(sub_id=s.sub_id, period_end=P1, customer=s.customer), "id": f"in_{s.name}"}
+
+    def on_get(path: str, query: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        if path == f"/v1/charges/{charge['id']}":
+            return 200, {**charge, "invoice": invoice["id"]}
+        if path == f"/v1/invoices/{invoice['id']}":
+            return 200, invoice
+        if path == "/v1/invoice_payments":
+            assert query["payment[payment_intent]"] == f"pi_{s.name}_other"
+            payment = {**se.fixture("invoice_payment"), "invoice": invoice["id"]}
+            return 200, {"object": "list", "data": [payment], "has_more": False}
+        return 404, {"error": {"type": "invalid_request_error", "message": f"no {path}"}}
+
+    double.on_get = on_get
+    if kind == "refund.created":
+        obj = {**_refund(s, 2000), "charge": charge["id"], "payment_intent": None}
+        read = [f"/v1/charges/{charge['id']}", f"/v1/invoices/{invoice['id']}"]
+    else:
+        obj = {**charge, "payment_intent": f"pi_{s.name}_other"}
+        read = ["/v1/invoice_payments", f"/v1/invoices/{invoice['id']}"]
+    gateway = stripe_api.StripeGateway("sk_test_double", double.url, sleep=lambda _s: None)
+    processor = stripe_sync.EventProcessor(live.services, gateway)
+    outcome = processor.process(se.event(kind, obj, T0 + 10), T0 + 10)
+    assert outcome.effect is stripe_sync.Effect.CHANGED
+    assert [r.path for r in double.requests] == read
+    assert live.post("/api/license/validate", {"key": key}).json()["code"] == "REVOKED"
+
+
 def test_the_key_mail_goes_out_once_when_the_first_period_is_paid(live: Live) -> None:
     """A subscription created before its payment mails nothing; the payment mails the key, once."""
     s = Stream("firstmail")

@@ -16,11 +16,14 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import stripe
+from support import stripe_events as se
 from support.emulator import Emulator, Served, run_emulator, serve
 from support.plans import SOLD_PLANS
+from support.stripe_double import stripe_double
 
 from licensed import stripe_sync
 from licensed.plans import load_catalog
@@ -177,3 +180,29 @@ def test_an_interrupted_purchase_still_cleans_up(stripe_emulator: Emulator, shop
     assert purchase.customer_id and gone(stripe_emulator, f"/v1/customers/{purchase.customer_id}")
     sub = stripe_emulator.call("get", f"/v1/subscriptions/{purchase.subscription_id}")
     assert sub["status"] == "canceled"
+
+
+def test_the_payment_to_refund_is_listed_when_the_invoice_came_without_it(tmp_path: Path) -> None:
+    """An invoice without its payments: the charge and the payment intent come from
+    ``GET /v1/invoice_payments``, read like the payments an invoice carries."""
+    (tmp_path / "plans.toml").write_text(PLANS, encoding="utf-8")
+    listed = [
+        {**se.fixture("invoice_payment"), "payment": {"type": "payment_intent", "payment_intent": "pi_e2e"}},
+        {**se.fixture("invoice_payment"), "payment": {"type": "charge", "charge": "ch_e2e"}},
+    ]
+
+    def on_get(path: str, query: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        assert (path, query) == ("/v1/invoice_payments", {"invoice": "in_e2e"})
+        return 200, {"object": "list", "data": listed, "has_more": False}
+
+    with stripe_double() as double:
+        double.on_get = on_get
+        purchase = TrialPurchase(
+            StripeGateway("sk_test_double", double.url),
+            ServerClient("http://127.0.0.1:9"),
+            choose_plan(load_catalog(tmp_path / "plans.toml"), "team-monthly"),
+            "listed@example.com",
+        )
+        purchase.invoice = {**se.fixture("invoice"), "id": "in_e2e", "payments": None}
+        assert purchase._payment() == ("ch_e2e", "pi_e2e")
+        assert [r.path for r in double.requests] == ["/v1/invoice_payments"]
