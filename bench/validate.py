@@ -9,7 +9,8 @@ the others. Three servers run, each in its own process on 127.0.0.1:
 * ``plain``: a WSGI app answering a constant JSON body under
   ``waitress.serve(threads=8)`` with waitress' defaults;
 * ``tuned``: the same app under licensed's own server settings
-  (``licensed.server.create_server``: poll, connection limit);
+  (``licensed.server.keep_to_cpus`` and ``create_server``: one CPU, poll,
+  connection limit, the quiet channel);
 * ``licensed``: ``python -m licensed serve`` on the data dir.
 
 wrk (``apt-get install wrk``) drives each in turn with keep-alive connections,
@@ -42,7 +43,7 @@ from typing import Any
 
 from licensed import keys, licensing
 from licensed.config import Config
-from licensed.server import create_server, init_data_dir
+from licensed.server import create_server, init_data_dir, keep_to_cpus
 from licensed.services import build_services
 
 BODY = json.dumps({"valid": True, "code": "VALID", "activated": True}).encode()
@@ -119,7 +120,9 @@ def serve_constant(kind: str, port: int, threads: int) -> None:
 
         waitress.serve(constant_app, host=HOST, port=port, threads=threads, _quiet=True)
     else:
-        create_server(constant_app, Config(host=HOST, port=port, threads=threads)).run()  # type: ignore[arg-type]
+        config = Config(host=HOST, port=port, threads=threads)
+        keep_to_cpus(config.cpu_affinity)
+        create_server(constant_app, config).run()  # type: ignore[arg-type]
 
 
 # --- set-up --------------------------------------------------------------------------------------

@@ -118,6 +118,13 @@ def _log_level(value: str) -> str:
     return level
 
 
+def _cpu_affinity(value: str) -> str:
+    choice = value.strip().lower()
+    if choice in ("one", "all") or re.fullmatch(r"[0-9]{1,4}", choice):
+        return choice
+    raise ValueError("must be one, all or a CPU number")
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str
@@ -149,6 +156,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TRUSTED_PROXIES", "trusted_proxies", _networks, _networks("127.0.0.1")),
     Setting("RATE_LIMIT_PER_MINUTE", "rate_limit_per_minute", _non_negative_int, 120),
     Setting("THREADS", "threads", _positive_int, 8),
+    Setting("CPU_AFFINITY", "cpu_affinity", _cpu_affinity, "one"),
     Setting("MAX_BODY_BYTES", "max_body_bytes", _positive_int, 64 * 1024),
     Setting("LOG_LEVEL", "log_level", _log_level, "INFO"),
     Setting("LICENSED_KEYS_PASSPHRASE", "keys_passphrase", _passphrase),
@@ -181,6 +189,7 @@ class Config:
     trusted_proxies: tuple[IPNetwork, ...] = field(default_factory=lambda: _networks("127.0.0.1"))
     rate_limit_per_minute: int = 120
     threads: int = 8
+    cpu_affinity: str = "one"
     max_body_bytes: int = 64 * 1024
     log_level: str = "INFO"
     keys_passphrase: str | None = field(default=None, repr=False)

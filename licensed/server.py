@@ -5,11 +5,20 @@ descriptor above 1023, and a client holding a thousand half-sent requests
 would crash the server. The connection limit sits well below the process' file
 limit (raised to its hard limit at start-up), so accepting never fails for
 want of descriptors; idle connections are closed after ``channel_timeout``.
+
+The process keeps to one CPU (``CPU_AFFINITY=one``, :func:`keep_to_cpus`).
+Python runs one thread at a time, and a request hands the interpreter lock to
+another thread at every system call it makes (SQLite, the signature, the
+socket, the log line). With the threads spread over several CPUs, each hand-over
+wakes a thread on another CPU, and the server spent more time switching than
+answering; on one CPU the thread that released the lock takes it back before
+the woken one runs. BENCHMARKS.md measures both.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import signal
 import time
@@ -83,6 +92,42 @@ def missing_signers(services: Services) -> list[str]:
     return sorted(services.store.kids_in_use(services.now()) - have)
 
 
+def cpus_to_keep(setting: str, allowed: set[int]) -> set[int] | None:
+    """The CPUs ``CPU_AFFINITY`` keeps the server to, among those it may use (None: all).
+
+    ``one`` is the last of them, the same on every start; a number is that CPU,
+    which must be one the process may use.
+    """
+    if setting == "all" or not allowed:
+        return None
+    if setting == "one":
+        return {max(allowed)}
+    if int(setting) not in allowed:
+        may = ", ".join(str(cpu) for cpu in sorted(allowed))
+        raise ConfigError(f"CPU_AFFINITY: CPU {setting} is not one this process may use ({may})")
+    return {int(setting)}
+
+
+def keep_to_cpus(setting: str) -> list[str]:
+    """Apply ``CPU_AFFINITY`` to this thread and so to every thread started after it.
+
+    Returns what it did. Where the system refuses (a seccomp filter without
+    ``sched_setaffinity``), the server runs on as before and says so.
+    """
+    if not hasattr(os, "sched_setaffinity"):
+        return []
+    allowed = os.sched_getaffinity(0)
+    chosen = cpus_to_keep(setting, allowed)
+    if chosen is None or chosen == allowed:
+        return []
+    try:
+        os.sched_setaffinity(0, chosen)
+    except OSError as err:
+        log.warning("cannot keep to one CPU; threads run on all", extra={"error": str(err)})
+        return []
+    return [f"kept to CPU {min(chosen)} of {len(allowed)} (CPU_AFFINITY={setting})"]
+
+
 def connection_limit() -> int:
     """As many connections as the file limit allows (raised to its hard limit), at most
     :data:`CONNECTION_LIMIT`."""
@@ -129,7 +174,7 @@ def _stop_on_signal(signum: int, frame: Any) -> None:
 
 
 def serve(config: Config) -> None:
-    for line in init_data_dir(config, int(time.time())):
+    for line in [*keep_to_cpus(config.cpu_affinity), *init_data_dir(config, int(time.time()))]:
         log.info(line)
     services = build_services(config)
     missing = missing_signers(services)

@@ -136,6 +136,39 @@ def test_unit_verification_catches_mistakes(installed: Path, tmp_path: Path) -> 
     assert "strictest" in run.stderr
 
 
+def system_calls_the_unit_allows(tmp_path: Path, text: str) -> dict[str, str]:
+    """systemd's own reading of the unit's filter: each ``@group`` and what it says of it."""
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
+    unit = tmp_path / "licensed.service"
+    unit.write_text(text, encoding="utf-8")
+    run = subprocess.run(
+        [tool, "security", "--offline=true", "--no-pager", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    said = {}
+    for line in run.stdout.splitlines():
+        found = re.search(r"SystemCallFilter=~(@[a-z-]+)\s+(.*?)\s*(?:[0-9.]+)?$", line)
+        if found:
+            said[found.group(1)] = found.group(2)
+    assert said, run.stdout + run.stderr
+    return said
+
+
+def test_unit_lets_sched_setaffinity_back_from_resources(tmp_path: Path) -> None:
+    """``sched_setaffinity`` (CPU_AFFINITY) is the one call of ``@resources`` let back in:
+    the line above it still denies the group, as systemd itself reads the unit."""
+    text = (DEPLOY / "licensed.service").read_text(encoding="utf-8")
+    said = system_calls_the_unit_allows(tmp_path, text)
+    assert "sched_setaffinity is allowed" in said["@resources"]
+    assert "not included" in said["@privileged"]
+    without = text.replace("SystemCallFilter=sched_setaffinity\n", "")
+    assert "not included" in system_calls_the_unit_allows(tmp_path, without)["@resources"]
+
+
 # --- Caddyfile ----------------------------------------------------------------------------
 
 
