@@ -439,6 +439,10 @@ class Licensing:
             and now - seat.seen_at < SEEN_WRITE_INTERVAL
         ):
             return True, used
+        if seat.seen_at is not None:
+            stamped = self._stamp(lic, seat, used, now, label)
+            if stamped is not None:
+                return True, stamped
         try:
             with self.store.atomic():
                 seated_since = lic.seated_since(now)
@@ -457,6 +461,24 @@ class Licensing:
                 raise  # a new seat needs the write
             # Already seated: only the last-seen stamp is lost, and it can wait.
             return True, used
+
+    def _stamp(self, lic: License, seat: Seat, used: int, now: int, label: str | None) -> int | None:
+        """Stamp the seat the machine holds; the seats taken, or None if it holds none now.
+
+        Installations validating every few hours each write this stamp, so it is
+        committed without waiting for the disk: a power cut may take it back to
+        its previous value, and the machine's next validation writes it again.
+        A store that cannot write loses only the stamp (``used`` is answered).
+        """
+        try:
+            with self.store.atomic(durable=False):
+                seen_hash, taken = self.store.machine_state(lic.id, seat.hashes(), lic.seated_since(now))
+                if seen_hash is None:
+                    return None  # released or removed since the read: taken again, durably
+                self.store.touch_machine(lic.id, seen_hash, seat.machine_hash, now, label)
+                return taken
+        except StorageUnavailable:
+            return used
 
     def deactivate(self, req: LicenseRequest, now: int) -> dict[str, Any]:
         """Free a seat: the caller's machine (``machine_id``), or another one named by its

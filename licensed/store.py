@@ -366,6 +366,7 @@ class Store:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
+        self._writer = threading.Lock()
         self._probed_at = -PROBE_SECONDS
 
     # --- connections and transactions ---------------------------------------
@@ -410,11 +411,17 @@ class Store:
         self._probed_at = -PROBE_SECONDS
 
     @contextmanager
-    def atomic(self) -> Iterator[sqlite3.Connection]:
+    def atomic(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
         """One write transaction (``BEGIN IMMEDIATE``); nested calls use savepoints.
 
         Commits on success, rolls back on any exception, and turns ``sqlite3``
         errors into :class:`errors.StorageUnavailable` or :class:`errors.Conflict`.
+        This server's writers queue on a lock of their own before SQLite's: a
+        writer waiting in SQLite's busy handler sleeps in steps of up to 100 ms and
+        so waits long after the lock is free. ``durable=False`` commits without
+        waiting for the disk (``synchronous=NORMAL``, for writes a power cut may
+        take back: a seat's last-seen stamp); a later durable commit carries it
+        to the disk as well.
         """
         conn = self.conn
         nested = conn.in_transaction
@@ -424,31 +431,51 @@ class Store:
             self._discard(conn)
             conn = self.conn
         savepoint = f"sp_{secrets.token_hex(4)}"
+        if not nested and not self._writer.acquire(timeout=BUSY_TIMEOUT_MS / 1000):
+            raise StorageUnavailable("database write failed: another write of this server held it too long")
+        relaxed = not durable and not nested
         try:
-            conn.execute(f"SAVEPOINT {savepoint}" if nested else "BEGIN IMMEDIATE")
             try:
-                yield conn
-            except BaseException:
-                if nested:
-                    conn.execute(f"ROLLBACK TO {savepoint}")
-                    conn.execute(f"RELEASE {savepoint}")
-                elif conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                if relaxed:
+                    conn.execute("PRAGMA synchronous = NORMAL")
+                conn.execute(f"SAVEPOINT {savepoint}" if nested else "BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    if nested:
+                        conn.execute(f"ROLLBACK TO {savepoint}")
+                        conn.execute(f"RELEASE {savepoint}")
+                    elif conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+                conn.execute(f"RELEASE {savepoint}" if nested else "COMMIT")
+            except sqlite3.IntegrityError as err:
+                raise Conflict(f"conflicting write: {err}") from err
+            except sqlite3.Error as err:
+                if not nested and conn.in_transaction:
+                    with suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                if not nested:
+                    self._discard(conn)
+                raise StorageUnavailable(f"database write failed: {err}") from err
+            except StorageUnavailable:
+                if not nested:
+                    self._discard(conn)
                 raise
-            conn.execute(f"RELEASE {savepoint}" if nested else "COMMIT")
-        except sqlite3.IntegrityError as err:
-            raise Conflict(f"conflicting write: {err}") from err
-        except sqlite3.Error as err:
-            if not nested and conn.in_transaction:
-                with suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
+        finally:
+            if relaxed:
+                self._restore_synchronous(conn)
             if not nested:
-                self._discard(conn)
-            raise StorageUnavailable(f"database write failed: {err}") from err
-        except StorageUnavailable:
-            if not nested:
-                self._discard(conn)
-            raise
+                self._writer.release()
+
+    def _restore_synchronous(self, conn: sqlite3.Connection) -> None:
+        """Back to every other write's ``synchronous=FULL``; a connection that cannot be is dropped."""
+        if getattr(self._local, "conn", None) is not conn:
+            return  # already dropped after an error
+        try:
+            conn.execute("PRAGMA synchronous = FULL")
+        except sqlite3.Error:
+            self._discard(conn)
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
         conn = self.conn

@@ -172,3 +172,84 @@ def test_a_validation_reads_in_one_statement(services: Services, machine_id: str
     assert answer["code"] == "VALID"
     assert answer["license"]["machines_used"] == (1 if machine_id else 0)
     assert len(statements) == 1, statements
+
+
+def test_writers_of_one_server_queue_on_its_own_lock(db: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second writer waits for the first without SQLite's sleeping busy handler, and gives
+    up with STORAGE_UNAVAILABLE when the first holds on longer than the busy timeout."""
+    holding, done = threading.Event(), threading.Event()
+
+    def first_writer() -> None:
+        with db.atomic() as conn:
+            conn.execute("INSERT INTO settings (key, value, updated_at) VALUES ('first', '1', 0)")
+            holding.set()
+            done.wait(timeout=10)
+
+    worker = threading.Thread(target=first_writer)
+    worker.start()
+    try:
+        assert holding.wait(timeout=10)
+        monkeypatch.setattr(store_module, "BUSY_TIMEOUT_MS", 100)
+        too_long = "another write of this server held it too long"
+        with pytest.raises(StorageUnavailable, match=too_long), db.atomic():
+            pass
+    finally:
+        done.set()
+        worker.join(timeout=10)
+    with db.atomic() as conn:
+        conn.execute("INSERT INTO settings (key, value, updated_at) VALUES ('second', '2', 0)")
+    names = db.all("SELECT key FROM settings WHERE key IN ('first', 'second') ORDER BY 1")
+    assert [r[0] for r in names] == ["first", "second"]
+
+
+def synchronous(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA synchronous").fetchone()[0])
+
+
+def test_a_write_that_may_be_lost_commits_without_waiting_for_the_disk_and_only_it(db: Store) -> None:
+    with db.atomic(durable=False) as conn:
+        assert synchronous(conn) == 1  # NORMAL
+        with db.atomic() as inner:
+            assert synchronous(inner) == 1  # a nested write belongs to its outer transaction
+    assert synchronous(db.conn) == 2
+    with db.atomic() as conn:
+        assert synchronous(conn) == 2
+        with db.atomic(durable=False) as inner:
+            assert synchronous(inner) == 2  # inside a durable write, durable
+    with pytest.raises(Conflict), db.atomic(durable=False):
+        db.add_machine("lic_missing", "0" * 64, T0)
+    assert synchronous(db.conn) == 2  # restored after a failed write too
+
+
+def test_a_due_last_seen_stamp_is_the_one_write_not_waited_on(services: Services) -> None:
+    """A new seat is committed durably; the hourly stamp of a seat already held, which
+    every validation of an installation validating every few hours writes, is not."""
+    now = services.now()
+    lic = issue_license(
+        services.store,
+        services.ring,
+        services.catalog.plans["pro-year"],
+        email="stamp@example.com",
+        now=now,
+        actor="test",
+    )
+    request = LicenseRequest(key=services.licensing.key(lic), machine_id="host-a")
+    statements: list[str] = []
+    services.store.conn.set_trace_callback(statements.append)
+    try:
+        assert services.licensing.check(request, now)["activated"]
+        seated = list(statements)
+        statements.clear()
+        later = now + 3 * 3600
+        assert services.licensing.check(request, later)["activated"]
+    finally:
+        services.store.conn.set_trace_callback(None)
+    assert not any("synchronous" in s for s in seated)
+    assert any(s.startswith("INSERT INTO machines") for s in seated)
+    writes = [s.split()[0] for s in statements if not s.startswith(("SELECT", "WITH"))]
+    assert writes == ["PRAGMA", "BEGIN", "UPDATE", "COMMIT", "PRAGMA"], statements
+    pragmas_set = [s for s in statements if s.startswith("PRAGMA")]
+    assert pragmas_set == ["PRAGMA synchronous = NORMAL", "PRAGMA synchronous = FULL"]
+    assert synchronous(services.store.conn) == 2
+    row = services.store.one("SELECT last_seen_at FROM machines WHERE license_id = ?", (lic.id,))
+    assert row is not None and row[0] == later
