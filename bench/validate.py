@@ -17,8 +17,11 @@ wrk (``apt-get install wrk``) drives each in turn with keep-alive connections,
 in alternating rounds, and the medians are printed: requests/s, the ratio of
 licensed to plain, and wrk's p50/p99. Then licensed alone at half its
 sustained rate (each connection paced), for the latency a busy server gives,
-and the server's resident memory after all of it. A last line repeats one
-licence's request over and over, for comparison.
+and the server's resident memory after all of it. Then one pass in which every
+validation finds its machine's hourly last-seen stamp due, as an installation
+validating every few hours does: the stamps are aged two hours and the pass is
+shorter than one walk of the licences, so each request writes. A last line
+repeats one licence's request over and over, for comparison.
 
 Every answer is checked: wrk counts non-2xx answers, and the server's own
 ``/metrics`` must count exactly as many ``VALID`` answers as wrk sent.
@@ -32,6 +35,7 @@ import argparse
 import json
 import os
 import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -151,6 +155,24 @@ def make_licences(data_dir: Path, count: int) -> list[bytes]:
             bodies.append(json.dumps(body, separators=(",", ":")).encode())
     services.store.close()
     return bodies
+
+
+def age_stamps(database: Path, hours: int) -> int:
+    """Move every machine's last-seen stamp ``hours`` back; returns the newest stamp left."""
+    with sqlite3.connect(database, timeout=30) as conn:
+        conn.execute("UPDATE machines SET last_seen_at = last_seen_at - ?", (hours * 3600,))
+        newest = conn.execute("SELECT MAX(last_seen_at) FROM machines").fetchone()[0]
+    conn.close()
+    return int(newest)
+
+
+def stamps_since(database: Path, newest_before: int) -> int:
+    """How many machines were stamped after the stamps were aged."""
+    with sqlite3.connect(database, timeout=30) as conn:
+        count = conn.execute("SELECT COUNT(*) FROM machines WHERE last_seen_at > ?", (newest_before,))
+        stamped = int(count.fetchone()[0])
+    conn.close()
+    return stamped
 
 
 def free_port() -> int:
@@ -307,12 +329,25 @@ def main() -> None:
             )
             print(f"licensed RSS after the run: {rss_mib(procs['licensed'].pid):.1f} MiB")
 
+            database = work / "data" / "licensed.sqlite3"
+            aged_before = age_stamps(database, hours=2)
+            due_seconds = max(1, int(0.8 * args.licences / sustained))
+            due = wrk(ports["licensed"], all_bodies, min(args.seconds, due_seconds), args.connections)
+            sent += due["requests"]
+            plain_rate = statistics.median(r["rate"] for r in rounds["plain"])
+            print(
+                f"every validation writing its last-seen stamp: {due['rate']:.0f}/s "
+                f"({due['rate'] / plain_rate:.2f} of plain), p50 {due['p50_ms']:.2f} ms, "
+                f"p99 {due['p99_ms']:.2f} ms; stamps written {stamps_since(database, aged_before)} "
+                f"for {due['requests']} validations"
+            )
+
             single = wrk(ports["licensed"], one_body, args.seconds, args.connections)
             sent += single["requests"]
             print(f"one licence over and over (for comparison): {single['rate']:.0f}/s")
             counted = valid_answers(ports["licensed"])
             # wrk stops with requests in flight: the server may have answered a few more.
-            in_flight = args.connections * (args.rounds + 2)
+            in_flight = args.connections * (args.rounds + 3)
             print(f"VALID answers counted by the server: {counted} ({sent} completed in wrk)")
             if not sent <= counted <= sent + in_flight:
                 raise SystemExit("the server did not answer VALID to every request")
