@@ -108,24 +108,27 @@ def cpus_to_keep(setting: str, allowed: set[int]) -> set[int] | None:
     return {int(setting)}
 
 
-def keep_to_cpus(setting: str) -> list[str]:
+def keep_to_cpus(setting: str) -> None:
     """Apply ``CPU_AFFINITY`` to this thread and so to every thread started after it.
 
-    Returns what it did. Where the system refuses (a seccomp filter without
-    ``sched_setaffinity``), the server runs on as before and says so.
+    Where the system refuses (a seccomp filter without ``sched_setaffinity``),
+    the server runs on as before and says so.
     """
     if not hasattr(os, "sched_setaffinity"):
-        return []
+        return
     allowed = os.sched_getaffinity(0)
     chosen = cpus_to_keep(setting, allowed)
     if chosen is None or chosen == allowed:
-        return []
+        return
     try:
         os.sched_setaffinity(0, chosen)
     except OSError as err:
         log.warning("cannot keep to one CPU; threads run on all", extra={"error": str(err)})
-        return []
-    return [f"kept to CPU {min(chosen)} of {len(allowed)} (CPU_AFFINITY={setting})"]
+
+
+def running_on() -> list[int] | None:
+    """The CPUs this process may run on, where the system says."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
 
 
 def connection_limit() -> int:
@@ -174,7 +177,8 @@ def _stop_on_signal(signum: int, frame: Any) -> None:
 
 
 def serve(config: Config) -> None:
-    for line in [*keep_to_cpus(config.cpu_affinity), *init_data_dir(config, int(time.time()))]:
+    keep_to_cpus(config.cpu_affinity)
+    for line in init_data_dir(config, int(time.time())):
         log.info(line)
     services = build_services(config)
     missing = missing_signers(services)
@@ -187,7 +191,11 @@ def serve(config: Config) -> None:
     server = create_server(App(services), config)
     log.info(
         "listening",
-        extra={"url": f"http://{config.host}:{server.effective_port}", "port": int(server.effective_port)},
+        extra={
+            "url": f"http://{config.host}:{server.effective_port}",
+            "port": int(server.effective_port),
+            "cpus": running_on(),
+        },
     )
     sender = mailer.MailSender(services).start() if config.smtp_url else None
     signal.signal(signal.SIGTERM, _stop_on_signal)
