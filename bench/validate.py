@@ -27,6 +27,9 @@ Every answer is checked: wrk counts non-2xx answers, and the server's own
 ``/metrics`` must count exactly as many ``VALID`` answers as wrk sent.
 
     python bench/validate.py [--licences 10000] [--rounds 3] [--seconds 10] [--connections 32]
+
+``CPU_AFFINITY=all python bench/validate.py`` runs licensed and the tuned app
+with their threads on every CPU instead of one, for comparison.
 """
 
 from __future__ import annotations
@@ -124,7 +127,9 @@ def serve_constant(kind: str, port: int, threads: int) -> None:
 
         waitress.serve(constant_app, host=HOST, port=port, threads=threads, _quiet=True)
     else:
-        config = Config(host=HOST, port=port, threads=threads)
+        # CPU_AFFINITY from the environment, as the licensed server reads it, for comparisons.
+        affinity = Config.from_mapping({"CPU_AFFINITY": os.environ.get("CPU_AFFINITY", "")}).cpu_affinity
+        config = Config(host=HOST, port=port, threads=threads, cpu_affinity=affinity)
         keep_to_cpus(config.cpu_affinity)
         create_server(constant_app, config).run()  # type: ignore[arg-type]
 

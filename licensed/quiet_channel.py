@@ -11,7 +11,9 @@ connections, that loop burns a good share of the server's one interpreter.
 :class:`QuietChannel` does not ask to write while a worker holds the lock: that
 worker sends what it can and pulls waitress' trigger when bytes remain, and
 waitress pulls it again when the task ends, so the main loop looks again once
-the lock is free. BENCHMARKS.md measures the difference.
+the lock is free. BENCHMARKS.md measures the difference. The channel also
+answers the requests waitress itself refuses in the JSON error body
+(:mod:`waitress_errors`).
 
 This relies on waitress' internals (``HTTPChannel.writable``, ``outbuf_lock``,
 ``will_close``, ``close_when_flushed``): the versions it was tested with are
@@ -26,10 +28,14 @@ from typing import Any
 from waitress.channel import HTTPChannel
 from waitress.server import BaseWSGIServer
 
+from .waitress_errors import JsonErrorTask
+
 TESTED_WAITRESS = ("3.0.2",)
 
 
 class QuietChannel(HTTPChannel):
+    error_task_class = JsonErrorTask  # waitress' own 400s and 431s in the JSON error body
+
     def writable(self) -> bool:
         if not super().writable():
             return False
