@@ -13,6 +13,7 @@ tests/test_quiet_channel.py fails when the installed waitress differs.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from waitress.task import ErrorTask
 
@@ -27,12 +28,13 @@ CODES = {
 
 class JsonErrorTask(ErrorTask):
     def execute(self) -> None:
-        error = self.request.error
+        request: Any = self.request  # waitress' parser, typed there as the error it carries
+        error = request.error
         code = CODES.get(error.code, "INTERNAL_ERROR")
         message = f"{error.reason}: {error.body}" if error.body else error.reason
         body = json.dumps({"error": {"code": code, "message": message}}).encode()
         self.status = f"{error.code} {error.reason}"
-        self.response_headers.append(("Content-Type", "application/json; charset=utf-8"))
+        self.response_headers = [*self.response_headers, ("Content-Type", "application/json; charset=utf-8")]
         self.set_close_on_finish()
         self.content_length = len(body)
         self.write(body)
