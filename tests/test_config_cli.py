@@ -446,3 +446,9 @@ def test_admin_issue_checks_the_email(live: Live, email: str) -> None:
     done = run_cli("admin", "issue", "--email", email, "--plan", "pro-year", env=env)
     line = one_line_failure(done)
     assert f"{email!r}" in line and ("invalid domain" in line or "not a valid e-mail address" in line)
+
+
+def test_a_cpu_the_server_may_not_use_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    done = run_cli("serve", env={"DATA_DIR": str(tmp_path / "data"), "CPU_AFFINITY": "4095", "PORT": "0"})
+    assert done.returncode == 2
+    assert "CPU_AFFINITY: CPU 4095 is not one this process may use" in one_line_failure(done)

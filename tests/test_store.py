@@ -15,7 +15,7 @@ from licensed import store as store_module
 from licensed.errors import Conflict, StorageUnavailable
 from licensed.licensing import LicenseRequest, issue_license
 from licensed.services import Services
-from licensed.store import MIGRATIONS, Store, open_store
+from licensed.store import MIGRATIONS, License, Store, open_store
 
 
 @pytest.fixture
@@ -148,20 +148,27 @@ def test_health_is_503_when_the_database_cannot_be_written(
     assert live.post("/api/license/activate", {"key": key, "machine_id": "m-1"}).json()["code"] == "VALID"
 
 
+def licence_and_request(
+    services: Services, email: str, machine_id: str | None
+) -> tuple[License, LicenseRequest]:
+    """A one-seat licence issued now, and a validation of its key from ``machine_id``."""
+    lic = issue_license(
+        services.store,
+        services.ring,
+        services.catalog.plans["pro-year"],
+        email=email,
+        now=services.now(),
+        actor="test",
+    )
+    return lic, LicenseRequest(key=services.licensing.key(lic), machine_id=machine_id)
+
+
 @pytest.mark.parametrize("machine_id", [None, "host-a"])
 def test_a_validation_reads_in_one_statement(services: Services, machine_id: str | None) -> None:
     """Installations validate every few hours: one read each, with or without a machine
     already seated (seated within the hour, so no last-seen stamp is written)."""
     now = services.now()
-    lic = issue_license(
-        services.store,
-        services.ring,
-        services.catalog.plans["pro-year"],
-        email="one-read@example.com",
-        now=now,
-        actor="test",
-    )
-    request = LicenseRequest(key=services.licensing.key(lic), machine_id=machine_id)
+    _, request = licence_and_request(services, "one-read@example.com", machine_id)
     assert services.licensing.check(request, now)["valid"]  # seats the machine, if any
     statements: list[str] = []
     services.store.conn.set_trace_callback(statements.append)
@@ -225,15 +232,7 @@ def test_a_due_last_seen_stamp_is_the_one_write_not_waited_on(services: Services
     """A new seat is committed durably; the hourly stamp of a seat already held, which
     every validation of an installation validating every few hours writes, is not."""
     now = services.now()
-    lic = issue_license(
-        services.store,
-        services.ring,
-        services.catalog.plans["pro-year"],
-        email="stamp@example.com",
-        now=now,
-        actor="test",
-    )
-    request = LicenseRequest(key=services.licensing.key(lic), machine_id="host-a")
+    lic, request = licence_and_request(services, "stamp@example.com", "host-a")
     statements: list[str] = []
     services.store.conn.set_trace_callback(statements.append)
     try:
