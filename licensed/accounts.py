@@ -164,19 +164,44 @@ def link_for_mail(store: Store, secret: bytes, sign_in_id: str, now: int) -> str
     return link_token(secret, sign_in_id)
 
 
+def link_email(store: Store, token: str, now: int) -> str:
+    """The e-mail a link would sign in, leaving it unused; :class:`errors.SignInLinkRefused`
+    otherwise.
+
+    Opening the link only asks; the button on that page signs in
+    (:func:`consume_link`). Mail scanners fetch the links in a mail before the
+    customer does, and a link that signed in on the fetch would be used up by them.
+    """
+    email, expires_at, used = _sent_link(store, token)
+    if not used and expires_at >= now:
+        return email
+    raise SignInLinkRefused("used" if used else "expired")
+
+
 def consume_link(store: Store, token: str, now: int) -> str:
     """The e-mail a link signs in, consuming it; :class:`errors.SignInLinkRefused` otherwise."""
+    _check_shape(token)
+    with store.atomic():
+        email = store.consume_sign_in(_sha256(token), now)
+    if email is not None:
+        return email
+    _, _, used = _sent_link(store, token)
+    raise SignInLinkRefused("used" if used else "expired")
+
+
+def _check_shape(token: str) -> None:
     if not 20 <= len(token) <= 100:
         raise SignInLinkRefused("unknown")
-    token_hash = _sha256(token)
-    with store.atomic():
-        email = store.consume_sign_in(token_hash, now)
-        if email is not None:
-            return email
-        row = store.sign_in_by_hash(token_hash)
+
+
+def _sent_link(store: Store, token: str) -> tuple[str, int, bool]:
+    """A sent link's e-mail, end of life and whether it was used; ``unknown`` for any
+    other token."""
+    _check_shape(token)
+    row = store.sign_in_by_hash(_sha256(token))
     if row is None or row["expires_at"] is None:
         raise SignInLinkRefused("unknown")
-    raise SignInLinkRefused("used" if row["used_at"] is not None else "expired")
+    return str(row["email"]), int(row["expires_at"]), row["used_at"] is not None
 
 
 # --- sessions --------------------------------------------------------------------------------

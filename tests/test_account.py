@@ -625,3 +625,35 @@ def test_a_name_no_header_may_carry_is_left_out_of_key_mail_sent_again(live: Liv
     for received in keys:
         assert received.rcpt_tos == ["ada@example.com"] and str(received.message["To"]) == "ada@example.com"
         assert b"evil.example" not in received.raw
+
+
+def test_opening_a_link_only_asks_so_a_mail_scanner_uses_nothing_up(live: Live, sink: SmtpSink) -> None:
+    """Mail scanners fetch every link of a mail before the customer reads it: the fetch shows
+    a page with a button and signs nobody in; the customer's press still works, once."""
+    live.issue_license("pro-monthly", email="ada@example.com")
+    scanner, ada = customer(live, sink), customer(live, sink)
+    ada.ask_for_link("ada@example.com")
+    ada.send_mail()
+    [link] = sign_in_links(sink)
+    for _ in range(3):
+        shown = scanner.open_link(link)
+        assert shown.status_code == 200 and "Set-Cookie" not in shown.headers
+        assert "ada@example.com" in shown.text and 'action="/account/auth"' in shown.text
+        assert "<script" not in shown.text  # nothing presses the button
+    answer = ada.follow(link)
+    assert answer.status_code == 303 and answer.headers["Location"] == "/account"
+    assert "Signed in as" in ada.get("/account").text
+    used = scanner.open_link(link)
+    assert used.status_code == 400 and "was used already" in used.text
+    again = scanner.post("/account/auth", {"token": link.rsplit("=", 1)[1]})
+    assert again.status_code == 400 and "was used already" in again.text
+    assert "Set-Cookie" not in again.headers
+
+
+@pytest.mark.parametrize("form", [{}, {"token": ""}, {"token": "A" * 43}, {"token": "x" * 500}])
+def test_pressing_sign_in_without_a_live_token_gets_the_form(
+    live: Live, sink: SmtpSink, form: dict[str, str]
+) -> None:
+    answer = customer(live, sink).post("/account/auth", form)
+    assert answer.status_code == 400 and 'action="/account/sign-in"' in answer.text
+    assert "Set-Cookie" not in answer.headers

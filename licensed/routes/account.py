@@ -157,10 +157,18 @@ def routes(services: Services) -> list[Route]:
             per_hour=accounts.LINKS_PER_HOUR,
         )
 
+    def confirm(request: Request) -> Response:
+        token = request.query.get("token", "")
+        try:
+            email = accounts.link_email(store, token, services.now())
+        except SignInLinkRefused as refused:
+            return signed_out(400, link_problem=refused.reason)
+        return page(services, "confirm_sign_in.html", email=email, token=token)
+
     def auth(request: Request) -> Response:
         now = services.now()
         try:
-            email = accounts.consume_link(store, request.query.get("token", ""), now)
+            email = accounts.consume_link(store, read_form(request).get("token", ""), now)
         except SignInLinkRefused as refused:
             return signed_out(400, link_problem=refused.reason)
         previous = current(request)
@@ -215,7 +223,8 @@ def routes(services: Services) -> list[Route]:
     return [
         route("GET", "/account", account, "The customer's licences, or the sign-in form"),
         route("POST", "/account/sign-in", sign_in, "Mail a one-time sign-in link"),
-        route("GET", "/account/auth", auth, "Sign in with a link from the mail"),
+        route("GET", "/account/auth", confirm, "The page a sign-in link opens: a button that signs in"),
+        route("POST", "/account/auth", auth, "Sign in with the token of a link from the mail"),
         route("POST", "/account/machines/{id}/release", release, "Release a machine's seat"),
         route("POST", "/account/billing", billing, "Open the Stripe billing portal"),
         route("POST", "/account/resend", resend, "Mail a licence key again"),
