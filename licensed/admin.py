@@ -568,7 +568,8 @@ def remove_machine(
 
 
 def resend(services: Services, actor: str, now: int, license_id: str) -> dict[str, Any]:
-    """Queue the licence key mail again, to the customer's address on file."""
+    """Queue the licence key mail again ("sent again", not "thank you for buying"), to the
+    customer's address on file."""
     store = services.store
 
     def mutate(lic: License) -> dict[str, Any]:
@@ -576,7 +577,7 @@ def resend(services: Services, actor: str, now: int, license_id: str) -> dict[st
         if customer is None or not customer["email"]:
             raise Conflict(f"license {lic.id} has no e-mail address on file", code="NO_EMAIL")
         mail_id = outbox.queue_mail(
-            store, lic.id, outbox.KIND_LICENSE_KEY, customer["email"], customer["name"], now
+            store, lic.id, outbox.KIND_LICENSE_KEY_RESEND, customer["email"], customer["name"], now
         )
         return {"mail": {"id": mail_id, "to": customer["email"]}}
 

@@ -482,7 +482,7 @@ def test_resend_queues_the_key_mail(driver: Driver, live: Live) -> None:
     assert answer["mail"]["to"] == "resend@example.com"
     outbox = live.services.store.outbox_for_license(lic.id)
     assert [(o["id"], o["kind"], o["to_addr"], o["status"]) for o in outbox] == [
-        (answer["mail"]["id"], "license_key", "resend@example.com", "pending")
+        (answer["mail"]["id"], "license_key_resend", "resend@example.com", "pending")
     ]
     driver.action("resend", lic.id)
     assert len(live.services.store.outbox_for_license(lic.id)) == 2
