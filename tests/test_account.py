@@ -617,7 +617,7 @@ def test_a_name_no_header_may_carry_is_left_out_of_key_mail_sent_again(live: Liv
     rows = [(r["kind"], r["to_addr"], r["to_name"], r["status"]) for r in store.mail_for_license(lic.id)]
     assert rows == [
         ("license_key", "ada@example.com", None, "sent"),  # the purchase's
-        ("license_key", "ada@example.com", None, "sent"),  # the admin's resend
+        ("license_key_resend", "ada@example.com", None, "sent"),  # the admin's resend
         ("license_key_resend", "ada@example.com", None, "sent"),
     ]
     keys = [r for r in sink.received if str(r.message["Subject"]) != "Your sign-in link"]
