@@ -27,10 +27,10 @@ import requests
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from support.clock import DAY, T0
-from support.live import Live
+from support.live import Live, issue_license
 from support.server_proc import run_cli
 
-from licensed import admin, export, keys, licensing, openapi
+from licensed import admin, export, keys, openapi
 from licensed.app import App
 from licensed.config import Config
 from licensed.errors import Unauthorized
@@ -909,14 +909,7 @@ def test_debug_export_streams_everything_but_secrets(two_signing_keys: None, liv
 
 def test_export_is_one_json_document_in_many_chunks(services: Services) -> None:
     for i in range(7):
-        licensing.issue_license(
-            services.store,
-            services.ring,
-            services.catalog.plans["pro-year"],
-            email=f"c{i}@example.com",
-            now=services.now(),
-            actor="test",
-        )
+        issue_license(services, "pro-year", email=f"c{i}@example.com")
     body = export.export(services, "admin-token", services.now(), chunk_rows=2)
     chunks = list(body)
     body.close()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from support.clock import T0, FrozenClock
+from support.live import issue_license
 from support.server_proc import run_cli
 
 from licensed import backup, keys, licensing
@@ -52,14 +53,7 @@ class Writer:
         machine = f"backup-machine-{i}"
         answer = services.licensing.check(licensing.LicenseRequest(key=seat_key, machine_id=machine), now)
         assert answer["activated"], answer
-        lic = licensing.issue_license(
-            services.store,
-            services.ring,
-            services.catalog.plans["pro-year"],
-            email=f"buyer{i}@example.com",
-            now=now,
-            actor="test",
-        )
+        lic = issue_license(services, "pro-year", email=f"buyer{i}@example.com")
         with services.store.atomic():
             services.store.execute(
                 "INSERT INTO stripe_events (id, type, created, status, license_id, payload, received_at,"

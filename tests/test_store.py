@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 from support.clock import T0
-from support.live import Live
+from support.live import Live, issue_license
 
 from licensed import store as store_module
 from licensed.errors import Conflict, StorageUnavailable
-from licensed.licensing import LicenseRequest, issue_license
+from licensed.licensing import LicenseRequest
 from licensed.services import Services
 from licensed.store import MIGRATIONS, License, Store, open_store
 
@@ -152,14 +152,7 @@ def licence_and_request(
     services: Services, email: str, machine_id: str | None
 ) -> tuple[License, LicenseRequest]:
     """A one-seat licence issued now, and a validation of its key from ``machine_id``."""
-    lic = issue_license(
-        services.store,
-        services.ring,
-        services.catalog.plans["pro-year"],
-        email=email,
-        now=services.now(),
-        actor="test",
-    )
+    lic = issue_license(services, "pro-year", email=email)
     return lic, LicenseRequest(key=services.licensing.key(lic), machine_id=machine_id)
 
 

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support.live import issue_license
 
 from licensed import keys, licensing
 from licensed.errors import InvalidToken
@@ -13,14 +14,7 @@ from licensed.services import Services
 
 
 def issue(services: Services, email: str) -> licensing.License:
-    return licensing.issue_license(
-        services.store,
-        services.ring,
-        services.catalog.plans["pro-year"],
-        email=email,
-        now=services.now(),
-        actor="test",
-    )
+    return issue_license(services, "pro-year", email=email)
 
 
 def test_a_remembered_key_needs_its_signer_in_the_ring(services: Services, tmp_path: Path) -> None:
