@@ -8,8 +8,6 @@ the machines and releases the dead one by its id; and a plan's
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,7 @@ import pytest
 from support.clock import DAY, T0
 from support.live import Live
 from support.oidc_provider import AUDIENCE, Provider, ec_key
-from support.server_proc import ROOT
+from support.server_proc import run_cli
 
 from licensed import keys
 from licensed.config import Config
@@ -146,25 +144,7 @@ def test_admin_link_shows_a_hand_issued_licence_to_its_user(live: Live, tmp_path
         assert live.get("/api/subscriptions/status", headers=headers).json()["status"] == "none"
 
         env = {"DATA_DIR": str(live.services.config.data_dir), "PATH": "/usr/bin:/bin", "HOME": "/tmp"}
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "licensed",
-                "admin",
-                "link",
-                "--sub",
-                "logto-user-77",
-                "--email",
-                "owner@example.com",
-            ],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        done = run_cli(env, "admin", "link", "--sub", "logto-user-77", "--email", "owner@example.com")
         assert done.returncode == 0, done.stderr
         assert live.get("/api/subscriptions/status", headers=headers).json()["status"] == "active"
 
