@@ -431,13 +431,8 @@ class Store:
             self._discard(conn)
             conn = self.conn
         savepoint = f"sp_{secrets.token_hex(4)}"
-        if not nested and not self._writer.acquire(timeout=BUSY_TIMEOUT_MS / 1000):
-            raise StorageUnavailable("database write failed: another write of this server held it too long")
-        relaxed = not durable and not nested
-        try:
+        with self._queued(nested), self._relaxed(conn, not durable and not nested):
             try:
-                if relaxed:
-                    conn.execute("PRAGMA synchronous = NORMAL")
                 conn.execute(f"SAVEPOINT {savepoint}" if nested else "BEGIN IMMEDIATE")
                 try:
                     yield conn
@@ -462,11 +457,35 @@ class Store:
                 if not nested:
                     self._discard(conn)
                 raise
+
+    @contextmanager
+    def _queued(self, nested: bool) -> Iterator[None]:
+        """An outermost write waits for this server's other writers here, before SQLite's lock."""
+        if nested:
+            yield
+            return
+        if not self._writer.acquire(timeout=BUSY_TIMEOUT_MS / 1000):
+            raise StorageUnavailable("database write failed: another write of this server held it too long")
+        try:
+            yield
         finally:
-            if relaxed:
-                self._restore_synchronous(conn)
-            if not nested:
-                self._writer.release()
+            self._writer.release()
+
+    @contextmanager
+    def _relaxed(self, conn: sqlite3.Connection, relaxed: bool) -> Iterator[None]:
+        """``synchronous=NORMAL`` for the write inside, when ``relaxed``; FULL again after it."""
+        if not relaxed:
+            yield
+            return
+        try:
+            conn.execute("PRAGMA synchronous = NORMAL")
+        except sqlite3.Error as err:
+            self._discard(conn)
+            raise StorageUnavailable(f"database write failed: {err}") from err
+        try:
+            yield
+        finally:
+            self._restore_synchronous(conn)
 
     def _restore_synchronous(self, conn: sqlite3.Connection) -> None:
         """Back to every other write's ``synchronous=FULL``; a connection that cannot be is dropped."""
