@@ -2,8 +2,8 @@
 
 A request line, header or ``Content-Length`` that waitress refuses never reaches
 the application; waitress answers it itself, in plain text. :class:`JsonErrorTask`
-gives that answer the body every other error has:
-``{"error": {"code", "message"}}``, with waitress' status and reason.
+gives that answer the body every other error has, from :func:`app.error_response`,
+with waitress' status and reason.
 
 This relies on waitress' task internals (``ErrorTask``, ``request.error``):
 the versions it was tested with are pinned in pyproject.toml, and
@@ -12,10 +12,12 @@ tests/test_quiet_channel.py fails when the installed waitress differs.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from waitress.task import ErrorTask
+
+from .app import JSON_TYPE, error_response
+from .errors import LicensedError
 
 CODES = {
     400: "BAD_REQUEST",
@@ -32,9 +34,9 @@ class JsonErrorTask(ErrorTask):
         error = request.error
         code = CODES.get(error.code, "INTERNAL_ERROR")
         message = f"{error.reason}: {error.body}" if error.body else error.reason
-        body = json.dumps({"error": {"code": code, "message": message}}).encode()
+        body = error_response(LicensedError(message, code=code)).encode()
         self.status = f"{error.code} {error.reason}"
-        self.response_headers = [*self.response_headers, ("Content-Type", "application/json; charset=utf-8")]
+        self.response_headers = [*self.response_headers, ("Content-Type", JSON_TYPE)]
         self.set_close_on_finish()
         self.content_length = len(body)
         self.write(body)
