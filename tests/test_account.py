@@ -4,7 +4,6 @@ and their CSRF tokens, each customer's reach limited to their own licences."""
 from __future__ import annotations
 
 import io
-import logging
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -14,11 +13,12 @@ import pytest
 from support import stripe_events as se
 from support.clock import DAY, T0
 from support.live import Live
+from support.log_capture import captured_logs
 from support.pages import Customer, csrf_of, deliver, machine_ids, paid_checkout, sign_in_links
 from support.smtp_sink import SmtpSink
 from support.stripe_double import StripeDouble, stripe_double
 
-from licensed import accounts, admin, files, licensing, logs, mailer, redact
+from licensed import accounts, admin, files, licensing, mailer, redact
 from licensed.config import Config
 from licensed.errors import ConfigError
 from licensed.store import open_store
@@ -442,18 +442,8 @@ def test_status_and_what_to_do_next(live: Live, sink: SmtpSink) -> None:
 @pytest.fixture
 def captured() -> Iterator[io.StringIO]:
     """Every log record of the process, formatted by the server's own JSON formatter."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(logs.JsonFormatter())
-    root = logging.getLogger()
-    old_level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    try:
+    with captured_logs() as stream:
         yield stream
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(old_level)
 
 
 def test_tokens_and_sessions_are_stored_and_logged_only_as_hashes(

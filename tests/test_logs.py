@@ -23,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support.clock import FrozenClock
 from support.live import Live
+from support.log_capture import captured_logs
 from support.ops_helpers import live_with
 from support.plans import TEST_PLANS
 
@@ -41,18 +42,8 @@ AROUND = st.text(max_size=30)
 @pytest.fixture
 def captured() -> Iterator[io.StringIO]:
     """Every log record of the process, formatted by the server's own JSON formatter."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(logs.JsonFormatter(secrets=["admin-token-0123456789"]))
-    root = logging.getLogger()
-    old_level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    try:
+    with captured_logs(secrets=["admin-token-0123456789"]) as stream:
         yield stream
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(old_level)
 
 
 def lines_of(stream: io.StringIO) -> list[dict[str, Any]]:
