@@ -116,8 +116,9 @@ def activate(live: Live, key: str, machine: str, label: str | None = None) -> di
     return result
 
 
-def sign_in(driver: Any, shop: Shop) -> None:
-    """Through the form and the mailed link, as a buyer does."""
+def sign_in(driver: Any, shop: Shop, shots: Path | None = None) -> list[Path]:
+    """Through the form, the mailed link and its page's button, as a buyer does; with
+    ``shots``, screenshots of the page the link opens."""
     from selenium.webdriver.common.by import By
 
     live = shop.live
@@ -135,9 +136,11 @@ def sign_in(driver: Any, shop: Shop) -> None:
     assert links[-1].startswith(live.url + "/account/auth?token=")
     driver.get(links[-1])
     assert h1(driver) == "Sign in" and EMAIL in driver.page_source
+    made = screenshots(driver, shots, "sign-in") if shots is not None else []
     driver.find_element(By.CSS_SELECTOR, "form[action='/account/auth'] button").click()
     wait_for(driver, lambda d: "Signed in as" in d.page_source)
     assert driver.current_url == live.url + "/account"
+    return made
 
 
 def test_buy_see_the_key_sign_in_release_the_dead_machine_activate_a_new_one(
@@ -183,7 +186,7 @@ def test_buy_see_the_key_sign_in_release_the_dead_machine_activate_a_new_one(
     refused = live.post("/api/license/activate", {"key": key, "machine_id": "new-server-91c2"})
     assert refused.json()["code"] == "TOO_MANY_MACHINES"
 
-    sign_in(driver, shop)
+    made += sign_in(driver, shop, shots)
     [cookie] = [c for c in driver.get_cookies() if c["name"] == "licensed_session"]
     assert cookie["httpOnly"] is True and cookie["sameSite"] == "Lax" and cookie["secure"] is False
     assert driver.execute_script("return document.cookie") == ""
@@ -206,6 +209,8 @@ def test_buy_see_the_key_sign_in_release_the_dead_machine_activate_a_new_one(
     assert sorted(p.name for p in made) == [
         "account-desktop.png",
         "account-phone.png",
+        "sign-in-desktop.png",
+        "sign-in-phone.png",
         "success-desktop.png",
         "success-phone.png",
     ]
